@@ -1,0 +1,225 @@
+"""A frozen base model plus a trainable prefix: forward, loss, generate, fold."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import ModelSpec, read_spec
+from .config import PrefixConfig
+from .inject import Injection, PrefixBatch
+from .prefix import PrefixEncoder, as_kv, enabled_stacks, flatten_kv
+
+
+class PrefixModel(nn.Module):
+    """A frozen ``transformers`` model with a prefix at every attention layer.
+
+    ``forward`` takes and returns what the base model does; ``generate`` takes the same
+    arguments as ``transformers``' ``generate``. Only ``self.prefix`` is trainable.
+    """
+
+    def __init__(self, base: nn.Module, config: PrefixConfig, spec: ModelSpec, injection: Injection):
+        super().__init__()
+        self.base = base
+        self.spec = spec
+        self.injection = injection
+        self.prefix = PrefixEncoder(config, spec)
+        self.enabled = True
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self) -> PrefixConfig:
+        return self.prefix.config
+
+    @property
+    def base_config(self) -> Any:
+        return self.base.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ the prefix
+    def prefix_batch(self, infix_start: torch.Tensor | None = None) -> PrefixBatch | None:
+        """Compute this call's prefix K/V (None when disabled or of length 0).
+
+        infix_start: (B,) base position of each row's first token that sees the infix
+        (infix mode only).
+        """
+        if not self.enabled or self.config.prefix_length == 0:
+            return None
+        p = self.config.prefix_length
+        outputs = self.prefix()
+        if self.config.mode == "embedding-only":
+            virtual = outputs["embedding"][None].to(self.base.dtype)  # (1, P, hidden)
+            collected = self.injection.collect_kv(inputs_embeds=virtual, **self._dummy_decoder_inputs(p))
+            kv = {}
+            for stack in enabled_stacks(self.config, self.spec):
+                layers = self.spec.stack(stack).num_layers
+                flat = flatten_kv([collected[(stack, layer)] for layer in range(layers)])
+                kv[stack] = as_kv(flat, self.spec, stack)
+        else:
+            kv = {name: as_kv(flat, self.spec, name) for name, flat in outputs.items()}
+        lengths = torch.tensor([p], device=self.device) if self.spec.shift_positions else None
+        if self.config.mode == "infix":
+            if infix_start is None:
+                raise ValueError("infix mode needs infix_start (or labels) to know where the target starts")
+            return PrefixBatch(kv=kv, lengths=lengths, infix_start=infix_start)
+        return PrefixBatch(kv=kv, lengths=lengths)
+
+    def _dummy_decoder_inputs(self, length: int) -> dict[str, torch.Tensor]:
+        if self.spec.kind != "seq2seq":
+            return {}
+        start = self.base.config.decoder_start_token_id or 0
+        return {"decoder_input_ids": torch.full((1, 1), start, device=self.device)}
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the bare base model inside the block."""
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        infix_start: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Same as the base model's forward; input_ids / attention_mask / labels are (B, T)."""
+        if self.config.mode == "infix" and infix_start is None and labels is not None:
+            infix_start = infix_start_from_labels(labels, attention_mask)
+        batch = self.prefix_batch(infix_start)
+        with self.injection.active(batch):
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """``transformers`` generate with the prefix applied at every step (greedy, sampling, beams).
+
+        Decoder-only batches should be left-padded; positions are taken from the attention mask.
+        """
+        infix_start = None
+        if self.config.mode == "infix":
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(input_ids)
+            infix_start = mask.long().sum(-1) - 1  # the last prompt token sees the infix
+        batch = self.prefix_batch(infix_start)
+        with self.injection.active(batch):
+            return self.base.generate(input_ids=input_ids, **kwargs)
+
+    # ------------------------------------------------------------------ training helpers
+    def fold(self) -> PrefixModel:
+        """Replace the reparameterization MLP by the prefix it computes (logits unchanged)."""
+        self.prefix.fold()
+        return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint the base model's layers (non-reentrant, so prefix gradients flow)."""
+        self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base.activation_checkpointing_disable()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Exactly the prefix tensors (what is saved): ``{"<stack>.table" | MLP keys: tensor}``."""
+        return {k.removeprefix("stacks."): v for k, v in self.prefix.state_dict().items()}
+
+    def save_pretrained(self, directory: str | Path, fold: bool = True) -> None:
+        """Save the prefix (folded unless ``fold=False``), its config and the base fingerprint."""
+        from .checkpoint import save_prefix
+
+        save_prefix(self, directory, fold=fold)
+
+    def detach(self) -> nn.Module:
+        """Remove the prefix machinery and return the untouched base model."""
+        self.injection.remove()
+        for p in self.base.parameters():
+            p.requires_grad_(True)
+        return self.base
+
+
+def infix_start_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B,) base position of the token that predicts each row's first target token.
+
+    labels: (B, T) with -100 on source tokens; attention_mask: (B, T) or None.
+    """
+    is_target = labels != -100
+    if not bool(is_target.any(-1).all()):
+        raise ValueError("infix mode: a row of labels has no target token (all -100)")
+    first = is_target.int().argmax(-1)  # (B,)
+    if attention_mask is None:
+        return first - 1
+    positions = attention_mask.long().cumsum(-1) - 1  # base position of each token
+    return positions.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0]
+
+
+def attach(model: nn.Module, config: PrefixConfig | None = None, tokenizer: Any = None) -> PrefixModel:
+    """Freeze ``model`` and give it a trainable prefix; returns the ``PrefixModel``.
+
+    With ``config.init = "text:<words>"`` the prefix starts as the frozen model's own K/V of
+    those words (``tokenizer`` required) and its length becomes their token count.
+    """
+    config = config or PrefixConfig()
+    spec = read_spec(model)
+    if config.mode != "prefix" and spec.kind != "causal":
+        raise ValueError(f"mode {config.mode!r} is implemented for decoder-only models, not {spec.architecture}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    injection = Injection(model, spec)
+    try:
+        init_kv = None
+        if config.init_text:
+            if tokenizer is None:
+                raise ValueError(f"init {config.init!r} needs the model's tokenizer: attach(model, config, tokenizer)")
+            init_kv = _text_activations(model, injection, spec, config, tokenizer)
+            config = config.replace(prefix_length=next(iter(init_kv.values())).shape[0])
+        pm = PrefixModel(model, config, spec, injection)
+        param = next(model.parameters())
+        pm.prefix.to(device=param.device)
+        if init_kv is not None:
+            for name, target in init_kv.items():
+                pm.prefix.stacks[name].init_to(target.to(param.device))
+    except Exception:
+        injection.remove()
+        raise
+    return pm
+
+
+@torch.no_grad()
+def _text_activations(
+    model: nn.Module, injection: Injection, spec: ModelSpec, config: PrefixConfig, tokenizer: Any
+) -> dict[str, torch.Tensor]:
+    """Each enabled stack's K/V of the init words, (T, layers·2·kv_dim)."""
+    ids = tokenizer(config.init_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise ValueError(f"init text {config.init_text!r} tokenizes to no tokens")
+    ids = ids.to(next(model.parameters()).device)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    if spec.kind == "seq2seq":
+        inputs["decoder_input_ids"] = ids
+    was_training = model.training
+    model.eval()
+    try:
+        collected = injection.collect_kv(**inputs)
+    finally:
+        model.train(was_training)
+    out = {}
+    for stack in enabled_stacks(config, spec):
+        layers = spec.stack(stack).num_layers
+        out[stack] = flatten_kv([collected[(stack, layer)] for layer in range(layers)]).float()
+    return out

@@ -1,0 +1,101 @@
+"""Independent reference computations: attention written out by hand with the prefix K/V in front."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(var + norm.variance_epsilon) * norm.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def _attend(q, k, v, allowed, scale, bias=None):
+    """q (B,H,q,d); k,v (B,H,kv,d); allowed (B|1,1,q,kv) bool."""
+    scores = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return F.softmax(scores, dim=-1) @ v
+
+
+@torch.no_grad()
+def llama_logits(model, ids: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """Logits of a Llama-family model on ``ids`` (B, T) with prefix (P, layers·2·kv_dim).
+
+    Real tokens sit at positions P..P+T-1, as after P cached tokens; every token sees the
+    whole prefix and, causally, the real tokens.
+    """
+    cfg = model.config
+    inner = model.model
+    b, t = ids.shape
+    heads, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    p = prefix.shape[0]
+    kv = prefix.view(p, cfg.num_hidden_layers, 2, kvh, hd)
+    x = inner.embed_tokens(ids)
+    pos = (torch.arange(t) + p)[None].expand(b, t)
+    cos, sin = inner.rotary_emb(x, pos)
+    cos, sin = cos[:, None], sin[:, None]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    allowed = torch.cat([torch.ones(t, p, dtype=torch.bool), causal], dim=1)[None, None]
+    for layer_idx, layer in enumerate(inner.layers):
+        att = layer.self_attn
+        h = _rms(x, layer.input_layernorm)
+        q = att.q_proj(h).view(b, t, heads, hd).transpose(1, 2)
+        k = att.k_proj(h).view(b, t, kvh, hd).transpose(1, 2)
+        v = att.v_proj(h).view(b, t, kvh, hd).transpose(1, 2)
+        if hasattr(att, "q_norm"):
+            q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        pk = kv[:, layer_idx, 0].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+        pv = kv[:, layer_idx, 1].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+        k = torch.cat([pk, k], dim=2).repeat_interleave(heads // kvh, dim=1)
+        v = torch.cat([pv, v], dim=2).repeat_interleave(heads // kvh, dim=1)
+        o = _attend(q, k, v, allowed, 1 / math.sqrt(hd))
+        x = x + att.o_proj(o.transpose(1, 2).reshape(b, t, heads * hd))
+        h = _rms(x, layer.post_attention_layernorm)
+        mlp = layer.mlp
+        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+    return model.lm_head(_rms(x, inner.norm))
+
+
+def seq2seq_attention(module, kind: str, hidden, other, prefix_kv, allowed_real, bias=None):
+    """One BART/T5 attention call by hand.
+
+    hidden (B, q, d) queries' input; other (B, kv, d) keys' input (= hidden for self-attention);
+    prefix_kv (P, 2, H, hd); allowed_real (B|1, 1, q, kv) bool for the real keys;
+    bias (1, H, q, kv) T5 position bias for the real keys. Returns (B, q, d).
+    """
+    b, q_len, _ = hidden.shape
+    if kind == "bart":
+        hd, heads = module.head_dim, module.num_heads
+        q = module.q_proj(hidden) * module.scaling
+        k, v = module.k_proj(other), module.v_proj(other)
+        out = module.out_proj
+        scale = 1.0
+    else:
+        hd, heads = module.key_value_proj_dim, module.n_heads
+        q, k, v, out = module.q(hidden), module.k(other), module.v(other), module.o
+        scale = 1.0
+    q = q.view(b, q_len, heads, hd).transpose(1, 2)
+    k = k.view(b, -1, heads, hd).transpose(1, 2)
+    v = v.view(b, -1, heads, hd).transpose(1, 2)
+    p = prefix_kv.shape[0]
+    pk = prefix_kv[:, 0].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+    pv = prefix_kv[:, 1].permute(1, 0, 2)[None].expand(b, -1, -1, -1)
+    k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    allowed = torch.cat([torch.ones(*allowed_real.shape[:-1], p, dtype=torch.bool), allowed_real], dim=-1)
+    if bias is not None:
+        bias = torch.cat([torch.zeros(*bias.shape[:-1], p), bias], dim=-1)
+    o = _attend(q, k, v, allowed, scale, bias)
+    return out(o.transpose(1, 2).reshape(b, q_len, heads * hd))
