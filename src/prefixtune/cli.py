@@ -1,0 +1,195 @@
+"""The ``prefixtune`` command line: subcommands that call the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from .config import MODES, PrefixConfig
+from .train import NonFiniteLossError, TrainConfig
+
+DEFAULTS_TRAIN = TrainConfig()
+DEFAULTS_PREFIX = PrefixConfig()
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="e2e", help="e2e | webnlg | dart | path.jsonl | path.csv | hf:NAME")
+    p.add_argument("--source-field", default=None, help="source column/key for a .jsonl/.csv/hf: dataset")
+    p.add_argument("--target-field", default=None, help="target column/key for a .jsonl/.csv/hf: dataset")
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="prefix-tune a model on a dataset")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="run directory (log, checkpoints, best/)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--dev-split", default="dev", help="split for dev loss ('none' to skip)")
+    p.add_argument("--dev-limit", type=int, default=200, help="dev examples for dev loss (seeded subset)")
+    p.add_argument("--train-limit", type=int, default=None, help="first N training examples after a seeded shuffle")
+    p.add_argument("--max-length", type=int, default=256, help="longest training sequence in tokens")
+    p.add_argument("--on-too-long", choices=["error", "truncate", "skip"], default="error",
+                   help="what to do with a longer example (truncate cuts the source; both are reported)")
+    p.add_argument("--separator", default="\n", help="text between source and target (default: newline)")
+    g = p.add_argument_group("prefix")
+    g.add_argument("--prefix-length", type=int, default=DEFAULTS_PREFIX.prefix_length)
+    g.add_argument("--reparam-hidden", type=int, default=DEFAULTS_PREFIX.reparam_hidden,
+                   help="hidden width h of the reparameterization MLP")
+    g.add_argument("--no-reparam", action="store_true", help="train the prefix directly (P-tuning v2)")
+    g.add_argument("--mode", choices=MODES, default="prefix")
+    g.add_argument("--init", default="random", help='random | text:"words" (the model\'s own K/V of the words)')
+    g.add_argument("--prefix-dropout", type=float, default=0.0)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=float, default=DEFAULTS_TRAIN.epochs)
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=DEFAULTS_TRAIN.batch_size)
+    g.add_argument("--grad-accum", type=int, default=DEFAULTS_TRAIN.grad_accum)
+    g.add_argument("--lr", type=float, default=DEFAULTS_TRAIN.lr)
+    g.add_argument("--warmup-steps", type=int, default=DEFAULTS_TRAIN.warmup_steps)
+    g.add_argument("--weight-decay", type=float, default=DEFAULTS_TRAIN.weight_decay)
+    g.add_argument("--max-grad-norm", type=float, default=DEFAULTS_TRAIN.max_grad_norm)
+    g.add_argument("--seed", type=int, default=DEFAULTS_TRAIN.seed)
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--eval-every", type=int, default=None, help="dev loss every N steps (keeps the best prefix)")
+    g.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE dev evaluations without improvement")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="decode one output per unique source and print the metrics")
+    p.add_argument("run_dir", help="a run directory (uses its best/) or a saved prefix folder with run.json")
+    p.add_argument("--data", default=None, help="dataset (default: the one the run trained on)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N unique sources")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--predictions", required=True, help="output file, one prediction per line in source order")
+
+
+def _score_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="metrics for any system's outputs (one line per unique source)")
+    _add_data_args(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="first N unique sources")
+    p.add_argument("--predictions", required=True)
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate from source texts (arguments, or stdin one per line)")
+    p.add_argument("run_dir")
+    p.add_argument("sources", nargs="*")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a short real run on E2E, then metrics next to the untrained model's")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--train-limit", type=int, default=300)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--eval-limit", type=int, default=40, help="first N test MRs to score")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefixtune", description="Prefix tuning for transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _eval_parser, _score_parser, _generate_parser, _demo_parser):
+        add(sub)
+    return parser
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .pipeline import DataSpec, train_run
+
+    data = DataSpec(data=a.data, split=a.split, dev_split=None if a.dev_split == "none" else a.dev_split,
+                    dev_limit=a.dev_limit, train_limit=a.train_limit, source_field=a.source_field,
+                    target_field=a.target_field, max_length=a.max_length, on_too_long=a.on_too_long,
+                    separator=a.separator)
+    prefix = PrefixConfig(prefix_length=a.prefix_length, reparam=not a.no_reparam, reparam_hidden=a.reparam_hidden,
+                          mode=a.mode, init=a.init, dropout=a.prefix_dropout)
+    train = TrainConfig(epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                        lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
+                        max_grad_norm=a.max_grad_norm, seed=a.seed, precision=a.precision,
+                        gradient_checkpointing=a.gradient_checkpointing, eval_every=a.eval_every,
+                        early_stopping=a.early_stopping)
+    summary = train_run(a.out, a.model, data, prefix, train, resume=a.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from .pipeline import evaluate_run
+
+    result = evaluate_run(a.run_dir, a.data, a.split, a.predictions, limit=a.limit, num_beams=a.beams,
+                          max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_score(a: argparse.Namespace) -> int:
+    from .metrics import read_predictions
+    from .pipeline import metrics_for, reference_groups
+
+    sources, refs = reference_groups(a.data, a.split, a.limit, a.source_field, a.target_field)
+    preds = read_predictions(a.predictions)
+    if len(preds) != len(refs):
+        raise ValueError(f"{a.predictions}: {len(preds)} predictions, but {a.data} {a.split} has {len(refs)} "
+                         "unique sources" + (f" (first {a.limit})" if a.limit else ""))
+    print(json.dumps({"data": a.data, "split": a.split, "sources": len(sources), **metrics_for(a.data, preds, refs)},
+                     indent=2))
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from .decode import generate_texts
+    from .pipeline import DataSpec, load_trained
+
+    sources = a.sources or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not sources:
+        raise ValueError("no source text given (as arguments or on stdin)")
+    pm, tokenizer, record = load_trained(a.run_dir)
+    fmt = DataSpec(**record["data"]).format
+    for out in generate_texts(pm, tokenizer, sources, fmt, num_beams=a.beams, max_new_tokens=a.max_new_tokens,
+                              progress=False):
+        print(out)
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from .pipeline import demo
+
+    demo(a.out, train_limit=a.train_limit, epochs=a.epochs, eval_limit=a.eval_limit)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "score": _cmd_score, "generate": _cmd_generate,
+            "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"prefixtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"prefixtune {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"prefixtune {args.command}: interrupted; `--resume` continues a training run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,251 @@
+"""End-to-end jobs behind the command line: train a run directory, evaluate it, score outputs.
+
+A run directory holds ``run.json`` (everything needed to reproduce the run: data, format, model,
+prefix and training configs, seed, versions, data fingerprint), ``log.jsonl``, ``loss.png``, the
+resume state, and ``best/`` (the folded prefix, ``prefix_config.json`` + ``prefix.safetensors``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import CONFIG_NAME, atomic_write_text, load
+from .config import PrefixConfig
+from .data import Example, Format, encode_all, group_references, load_examples, shuffled_subset
+from .decode import generate_texts
+from .hub import load_causal_lm
+from .model import PrefixModel, attach
+from .train import LOG_NAME, STATE_NAME, TrainConfig, fit
+
+RUN_NAME = "run.json"
+E2E_LIKE = ("e2e",)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data a run trains on and how text becomes tokens."""
+
+    data: str = "e2e"
+    split: str = "train"
+    dev_split: str | None = "dev"
+    dev_limit: int | None = 200
+    train_limit: int | None = None
+    source_field: str | None = None
+    target_field: str | None = None
+    max_length: int = 256
+    on_too_long: str = "error"
+    separator: str = "\n"
+    target_prefix: str = " "
+
+    @property
+    def format(self) -> Format:
+        return Format(separator=self.separator, target_prefix=self.target_prefix)
+
+    def load(self, split: str) -> list[Example]:
+        return load_examples(self.data, split, source_field=self.source_field, target_field=self.target_field)
+
+
+def _fingerprint_examples(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.source.encode() + b"\0" + ex.target.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {"prefixtune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "early_stopping", "log_every"}
+
+
+def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run with settings that would change what it computes."""
+    diffs = []
+    for section in ("model", "data", "prefix", "train"):
+        a, b = saved.get(section, {}), current[section]
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in _RESUMABLE_CHANGES:
+                continue
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: saved {a.get(key)!r}, now {b.get(key)!r}")
+    if current["data_fingerprint"] != saved.get("data_fingerprint"):
+        diffs.append("the training examples differ (data_fingerprint)")
+    if diffs:
+        raise ValueError(f"{path}: --resume with other settings than the saved run: " + "; ".join(diffs))
+
+
+def train_run(
+    out_dir: str | Path,
+    model_name: str,
+    data: DataSpec,
+    prefix: PrefixConfig,
+    train: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prefix-tune ``model_name`` on ``data``; writes the run directory and returns a summary."""
+    out = Path(out_dir)
+    run_path = out / RUN_NAME
+    if not resume and (out / STATE_NAME).exists():
+        raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
+    model, tokenizer = load_causal_lm(model_name)
+    examples = data.load(data.split)
+    if data.train_limit is not None:
+        examples = shuffled_subset(examples, data.train_limit, train.seed)
+    fmt = data.format
+    encoded, changed = encode_all(tokenizer, examples, fmt, data.max_length, data.on_too_long)
+    if changed:
+        print(f"note: {changed} training example(s) {data.on_too_long} (longer than --max-length "
+              f"{data.max_length})", file=sys.stderr)
+    dev_encoded = None
+    if data.dev_split:
+        dev = data.load(data.dev_split)
+        if data.dev_limit is not None:
+            dev = shuffled_subset(dev, min(data.dev_limit, len(dev)), 0)
+        dev_encoded, _ = encode_all(tokenizer, dev, fmt, data.max_length, "truncate")
+    record = {
+        "model": {"name": model_name},
+        "data": dataclasses.asdict(data),
+        "prefix": prefix.to_dict(),
+        "train": dataclasses.asdict(train),
+        "data_fingerprint": _fingerprint_examples(examples),
+        "num_train_examples": len(encoded),
+        "versions": _versions(),
+        "argv": sys.argv,
+    }
+    torch.manual_seed(train.seed)
+    pm = attach(model, prefix, tokenizer)
+    record["prefix"] = pm.config.to_dict()  # the init text may have set the length
+    record["trainable_parameters"] = pm.num_trainable_parameters()
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and run_path.is_file():
+        _check_resume(json.loads(run_path.read_text()), record, run_path)
+    else:
+        atomic_write_text(run_path, json.dumps(record, indent=2) + "\n")
+
+    def save_best(directory: Path) -> None:
+        pm.save_pretrained(directory)
+        atomic_write_text(directory / RUN_NAME, json.dumps(record, indent=2) + "\n")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    state = fit(pm, encoded, out, train, pad_id, dev=dev_encoded, resume=resume, save_best=save_best,
+                progress=progress)
+    from .plots import plot_log
+
+    plot_log(out / LOG_NAME, out / "loss.png")
+    losses = [r["loss"] for r in state.history if "loss" in r]
+    return {"out": str(out), "steps": state.step, "stopped": state.stopped, "best_dev_loss": state.best_dev_loss,
+            "best_step": state.best_step, "final_train_loss": losses[-1] if losses else None,
+            "trainable_parameters": record["trainable_parameters"]}
+
+
+def load_trained(run_dir: str | Path) -> tuple[PrefixModel, Any, dict[str, Any]]:
+    """The prefix model, tokenizer and run record of a run directory (or of its ``best/``)."""
+    path = Path(run_dir)
+    prefix_dir = path / "best" if (path / "best" / CONFIG_NAME).is_file() else path
+    run_path = prefix_dir / RUN_NAME if (prefix_dir / RUN_NAME).is_file() else path / RUN_NAME
+    if not run_path.is_file():
+        raise FileNotFoundError(f"{run_path}: missing; {path} is not a prefixtune run directory")
+    record = json.loads(run_path.read_text())
+    model, tokenizer = load_causal_lm(record["model"]["name"])
+    return load(prefix_dir, model), tokenizer, record
+
+
+def metrics_for(data: str, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr (official-script style); others: BLEU (+ TER, METEOR)."""
+    from . import metrics
+
+    if data in E2E_LIKE:
+        return metrics.e2e_metrics(predictions, references)
+    return metrics.generation_metrics(predictions, references)
+
+
+def reference_groups(data: str, split: str, limit: int | None, source_field=None, target_field=None
+                     ) -> tuple[list[str], list[list[str]]]:
+    examples = load_examples(data, split, source_field=source_field, target_field=target_field)
+    sources, refs = group_references(examples)
+    if limit is not None:
+        sources, refs = sources[:limit], refs[:limit]
+    return sources, refs
+
+
+def write_outputs(predictions_path: str | Path, predictions: list[str], metrics: dict[str, Any]) -> Path:
+    """Predictions one per line, and ``<predictions>.metrics.json`` beside them (both atomic)."""
+    path = Path(predictions_path)
+    atomic_write_text(path, "".join(p.replace("\n", " ") + "\n" for p in predictions))
+    metrics_path = path.with_name(path.name + ".metrics.json")
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    return metrics_path
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | None,
+    split: str,
+    predictions_path: str | Path,
+    limit: int | None = None,
+    num_beams: int = 1,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Decode one output per unique source of ``split``, write them in source order, score them."""
+    pm, tokenizer, record = load_trained(run_dir)
+    spec = DataSpec(**record["data"])
+    data = data or spec.data
+    sources, refs = reference_groups(data, split, limit, spec.source_field, spec.target_field)
+    preds = generate_texts(pm, tokenizer, sources, spec.format, batch_size=batch_size, num_beams=num_beams,
+                           max_new_tokens=max_new_tokens, progress=progress)
+    result = {"data": data, "split": split, "sources": len(sources), "num_beams": num_beams,
+              **metrics_for(data, preds, refs)}
+    write_outputs(predictions_path, preds, result)
+    return result
+
+
+def demo(out_dir: str | Path, train_limit: int = 300, epochs: float = 1.0, eval_limit: int = 40,
+         model_name: str = "smollm2-135m") -> dict[str, Any]:
+    """The README's main job: a short real prefix-tuning run on E2E, then E2E metrics on the first
+    ``eval_limit`` test MRs for the untrained model and for the prefix-tuned one."""
+    out = Path(out_dir)
+    if (out / STATE_NAME).exists():
+        import shutil
+
+        shutil.rmtree(out)  # the demo always starts fresh; real runs refuse to overwrite
+    data = DataSpec(train_limit=train_limit, dev_limit=100)
+    prefix = PrefixConfig(prefix_length=10, reparam=True, reparam_hidden=512, init="text:table-to-text:")
+    train = TrainConfig(epochs=epochs, batch_size=8, lr=5e-4, warmup_steps=5, eval_every=None, log_every=5)
+    print(f"demo: prefix-tuning {model_name} on {train_limit} E2E training examples for {epochs:g} epoch(s)")
+    summary = train_run(out, model_name, data, prefix, train)
+    pm, tokenizer, _record = load_trained(out)
+    sources, refs = reference_groups("e2e", "test", eval_limit)
+    rows = {}
+    with pm.disabled():
+        base_preds = generate_texts(pm, tokenizer, sources, data.format, batch_size=20, max_new_tokens=48)
+    rows["untrained (no prefix)"] = metrics_for("e2e", base_preds, refs)
+    preds = generate_texts(pm, tokenizer, sources, data.format, batch_size=20, max_new_tokens=48)
+    rows["prefix-tuned"] = metrics_for("e2e", preds, refs)
+    write_outputs(out / "test_predictions.txt", preds, rows["prefix-tuned"])
+    print(f"\nE2E test, first {len(sources)} MRs, greedy decoding ({summary['trainable_parameters']:,} trainable "
+          f"parameters, {summary['steps']} steps, final train loss {summary['final_train_loss']:.3f})")
+    keys = list(rows["prefix-tuned"])
+    print(f"{'system':24s}" + "".join(f"{k:>9s}" for k in keys))
+    for name, m in rows.items():
+        print(f"{name:24s}" + "".join(f"{m[k]:9.4f}" for k in keys))
+    print(f"\nexample: {sources[0]}\n  untrained: {base_preds[0]}\n  prefix-tuned: {preds[0]}")
+    print(f"run directory: {out} (log.jsonl, loss.png, best/, test_predictions.txt)")
+    return rows
