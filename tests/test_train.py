@@ -35,8 +35,8 @@ def _model(seed: int = 0, dropout: float = 0.1):
     return attach(tiny("llama"), PrefixConfig(prefix_length=3, reparam=True, reparam_hidden=16, dropout=dropout))
 
 
-CFG = TrainConfig(epochs=3, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2, eval_every=2, log_every=1,
-                  seed=7)
+CFG = TrainConfig(epochs=3, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2, eval_every=3, log_every=1,
+                  seed=7, checkpoint_every=2)
 
 
 def _final(pm) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def test_fit_lowers_loss_logs_and_keeps_the_best(tmp_path):
     log = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == state.step and losses[-1] < losses[0]
-    assert [r["step"] for r in log if "dev_loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in log if "dev_loss" in r] == [3, 6]
     assert saved and (tmp_path / "best" / "prefix.safetensors").is_file()
     assert state.best_dev_loss == min(r["dev_loss"] for r in log if "dev_loss" in r)
     assert len(list(tmp_path.glob("state-*.safetensors"))) == 1
@@ -89,11 +89,11 @@ KILLED = textwrap.dedent(
     from test_train import CFG, _examples, _model
     from prefixtune.train import fit
 
-    def kill_at_3(state):
-        if state.step == 3:
+    def kill_at_5(state):
+        if state.step == 5:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    fit(_model(), _examples(), {out!r}, CFG, pad_id=0, dev=_examples(4), progress=False, on_step=kill_at_3)
+    fit(_model(), _examples(), {out!r}, CFG, pad_id=0, dev=_examples(4), progress=False, on_step=kill_at_5)
     """
 )
 
@@ -105,11 +105,15 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLED.format(tests=str(TESTS), out=str(out))],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert json.loads((out / STATE_NAME).read_text())["trainer"]["step"] == 3
+    # killed after step 5 was taken but not checkpointed (every 2 steps, and at evals, every 3): resume replays it
+    assert json.loads((out / STATE_NAME).read_text())["trainer"]["step"] == 4
     resumed = _model(seed=5)
     fit(resumed, _examples(), out, CFG, pad_id=0, dev=_examples(4), resume=True, progress=False)
     for k, v in _final(ref).items():
         assert torch.equal(_final(resumed)[k], v), k
+    log_a = [json.loads(x) for x in (tmp_path / "a" / LOG_NAME).read_text().splitlines()]
+    log_b = [json.loads(x) for x in (out / LOG_NAME).read_text().splitlines()]
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -122,8 +126,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                     p.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at step 3"):
-        fit(pm, _examples(), tmp_path, TrainConfig(epochs=3, batch_size=4, lr=1e-2, log_every=1), pad_id=0,
-            progress=False, on_step=poison)
+        fit(pm, _examples(), tmp_path, TrainConfig(epochs=3, batch_size=4, lr=1e-2, log_every=1, checkpoint_every=1),
+            pad_id=0, progress=False, on_step=poison)
     meta = json.loads((tmp_path / STATE_NAME).read_text())
     assert meta["trainer"]["step"] == 2
 

@@ -628,23 +628,37 @@ def encode_all(
     return encoded, affected
 
 
-def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a batch: ``input_ids`` (B, T) padded with ``pad_id``, ``attention_mask`` (B, T) 1/0,
-    ``labels`` (B, T) -100 on padding; T = the longest example. All int64.
+def pad_rows(rows: Sequence[Sequence[int]], value: int, side: Literal["left", "right"] = "left") -> torch.Tensor:
+    """Lists of ints → a (B, T) int64 tensor padded with ``value`` on ``side``; T = the longest row."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            row = torch.tensor(list(r), dtype=torch.long)
+            if side == "left":
+                out[i, width - len(r) :] = row
+            else:
+                out[i, : len(r)] = row
+    return out
 
-    With left padding, positions must come from the attention mask (``cumsum - 1``), not ``arange``.
+
+def collate(
+    batch: Sequence[EncodedExample], pad_id: int, padding_side: Literal["left", "right"] = "left"
+) -> dict[str, torch.Tensor]:
+    """Pad a batch (left by default): ``input_ids`` (B, T) padded with ``pad_id``, ``attention_mask`` (B, T)
+    1/0, ``labels`` (B, T) -100 on padding; T = the longest example. All int64.
+
+    With left padding, positions must come from the attention mask (``cumsum - 1``), not ``arange``
+    (``PrefixModel`` does this; plain transformers models and PEFT want ``padding_side="right"`` in training).
     """
     if not batch:
         raise ValueError("collate: empty batch")
-    width = max(len(item.input_ids) for item in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     for row, item in enumerate(batch):
         n = len(item.input_ids)
         if n == 0 or len(item.labels) != n:
             raise ValueError(f"collate: {item.where or row}: {n} input ids and {len(item.labels)} labels")
-        input_ids[row, width - n :] = torch.tensor(item.input_ids, dtype=torch.long)
-        attention_mask[row, width - n :] = 1
-        labels[row, width - n :] = torch.tensor(item.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {
+        "input_ids": pad_rows([item.input_ids for item in batch], pad_id, padding_side),
+        "attention_mask": pad_rows([[1] * len(item.input_ids) for item in batch], 0, padding_side),
+        "labels": pad_rows([item.labels for item in batch], IGNORE_INDEX, padding_side),
+    }

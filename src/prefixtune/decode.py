@@ -8,19 +8,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import Format, encode_prompt
+from .data import Format, encode_prompt, pad_rows
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists → (input_ids, attention_mask), both (B, T), padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
+    return pad_rows(rows, pad_id, "left"), pad_rows([[1] * len(r) for r in rows], 0, "left")
 
 
 def clean_output(text: str) -> str:

@@ -17,7 +17,6 @@ or half-written cache is reported with a warning and rebuilt.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .fileio import sha256_file
 
 try:
     import fcntl
@@ -54,7 +55,6 @@ MANIFEST_NAME = "manifest.json"
 CONVERTER_VERSION = 1
 _MANIFEST_FORMAT = 1
 _TMP_INFIX = ".tmp-"
-_HASH_CHUNK = 8 << 20
 _QUICK_HASH_LIMIT = 16 << 20  # quick verification hashes files smaller than this
 _STALE_AFTER_S = 3600.0  # without a lock, only temporary folders this old are taken as leftovers
 
@@ -298,15 +298,6 @@ def verify_converted(folder: Path, gguf_file: Path | None = None, *, full: bool 
         if not unchanged and sha256_file(gguf_file) != source["sha256"]:
             return f"source {gguf_file} has changed since the cache was built (sha256 differs)"
     return None
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _leftovers(target: Path) -> list[Path]:

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import atomic_write, atomic_write_text
 from .config import PrefixConfig
+from .fileio import atomic_write, atomic_write_text
 from .model import PrefixModel, attach
 
 PEFT_CONFIG = "adapter_config.json"

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import CONFIG_NAME, atomic_write_text, load
+from .checkpoint import CONFIG_NAME, load
 from .config import PrefixConfig
-from .data import Example, Format, encode_all, group_references, load_examples, shuffled_subset
+from .data import EncodedExample, Example, Format, encode_all, group_references, load_examples, shuffled_subset
 from .decode import generate_texts
+from .fileio import atomic_write_text
 from .hub import load_causal_lm
 from .model import PrefixModel, attach
 from .train import LOG_NAME, STATE_NAME, TrainConfig, fit
@@ -89,6 +90,26 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
         raise ValueError(f"{path}: --resume with other settings than the saved run: " + "; ".join(diffs))
 
 
+def prepare_data(tokenizer: Any, data: DataSpec, seed: int
+                 ) -> tuple[list[Example], list[EncodedExample], list[EncodedExample] | None]:
+    """Training examples (seeded subset), their encodings, and the encoded dev subset (or None)."""
+    examples = data.load(data.split)
+    if data.train_limit is not None:
+        examples = shuffled_subset(examples, data.train_limit, seed)
+    fmt = data.format
+    encoded, changed = encode_all(tokenizer, examples, fmt, data.max_length, data.on_too_long)
+    if changed:
+        print(f"note: {changed} training example(s) {data.on_too_long} (longer than --max-length "
+              f"{data.max_length})", file=sys.stderr)
+    dev_encoded = None
+    if data.dev_split:
+        dev = data.load(data.dev_split)
+        if data.dev_limit is not None:
+            dev = shuffled_subset(dev, min(data.dev_limit, len(dev)), 0)
+        dev_encoded, _ = encode_all(tokenizer, dev, fmt, data.max_length, "truncate")
+    return examples, encoded, dev_encoded
+
+
 def train_run(
     out_dir: str | Path,
     model_name: str,
@@ -104,20 +125,7 @@ def train_run(
     if not resume and (out / STATE_NAME).exists():
         raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
     model, tokenizer = load_causal_lm(model_name)
-    examples = data.load(data.split)
-    if data.train_limit is not None:
-        examples = shuffled_subset(examples, data.train_limit, train.seed)
-    fmt = data.format
-    encoded, changed = encode_all(tokenizer, examples, fmt, data.max_length, data.on_too_long)
-    if changed:
-        print(f"note: {changed} training example(s) {data.on_too_long} (longer than --max-length "
-              f"{data.max_length})", file=sys.stderr)
-    dev_encoded = None
-    if data.dev_split:
-        dev = data.load(data.dev_split)
-        if data.dev_limit is not None:
-            dev = shuffled_subset(dev, min(data.dev_limit, len(dev)), 0)
-        dev_encoded, _ = encode_all(tokenizer, dev, fmt, data.max_length, "truncate")
+    examples, encoded, dev_encoded = prepare_data(tokenizer, data, train.seed)
     record = {
         "model": {"name": model_name},
         "data": dataclasses.asdict(data),

@@ -2,7 +2,8 @@
 
 Works on any module whose forward(**batch) returns an output with ``.loss`` and whose trainable
 parameters have ``requires_grad`` (a ``PrefixModel``, a PEFT model, or a fully fine-tuned model).
-Resume state (trainable tensors, AdamW moments, RNG state, step counters) is written atomically:
+Resume state (trainable tensors, AdamW moments, RNG state, step counters) is written every
+``checkpoint_every`` steps, at every evaluation and at the end, atomically:
 tensors to ``state-<step>.safetensors``, then ``trainer_state.json`` naming that file and its
 sha256 is renamed into place, which is the commit point. A run killed at any moment resumes
 from the last committed step and ends with the same parameters as an uninterrupted run.
@@ -24,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, atomic_write_text, sha256_file
 from .data import EncodedExample, collate
+from .fileio import atomic_write, atomic_write_text, sha256_file
 
 STATE_NAME = "trainer_state.json"
 LOG_NAME = "log.jsonl"
@@ -49,6 +50,7 @@ class TrainConfig:
     eval_every: int | None = None
     early_stopping: int | None = None
     log_every: int = 10
+    checkpoint_every: int = 20
 
     def __post_init__(self) -> None:
         checks = {
@@ -64,6 +66,7 @@ class TrainConfig:
             "eval_every": self.eval_every is None or self.eval_every >= 1,
             "early_stopping": self.early_stopping is None or self.early_stopping >= 1,
             "log_every": self.log_every >= 1,
+            "checkpoint_every": self.checkpoint_every >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -121,14 +124,14 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[EncodedExample], batch_size: int, pad_id: int,
-                  precision: str = "fp32") -> float:
+                  precision: str = "fp32", collate_fn: Callable[..., dict[str, torch.Tensor]] = collate) -> float:
     """Mean per-token loss over ``examples`` (target tokens only)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(list(examples[i : i + batch_size]), pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_fn(list(examples[i : i + batch_size]), pad_id).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         with _autocast(precision):
             loss = model(**batch).loss
@@ -192,6 +195,13 @@ def _load_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: 
     return TrainerState(**meta["trainer"])
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 def fit(
     model: nn.Module,
     train: Sequence[EncodedExample],
@@ -203,12 +213,14 @@ def fit(
     save_best: Callable[[Path], None] | None = None,
     on_step: Callable[[TrainerState], None] | None = None,
     progress: bool = True,
+    collate_fn: Callable[[list[EncodedExample], int], dict[str, torch.Tensor]] = collate,
 ) -> TrainerState:
     """Train the trainable parameters of ``model`` on ``train``; returns the final state.
 
     Writes ``log.jsonl`` (one JSON line per log/eval), ``trainer_state.json`` + tensors (resume),
     and, through ``save_best(dir)``, the best model by dev loss to ``out_dir/best`` (or the
     last one when there is no dev set). ``on_step`` is called after every optimizer step.
+    ``collate_fn(examples, pad_id)`` builds a batch (left-padded by default).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +239,7 @@ def fit(
     state = TrainerState()
     if resume and (out / STATE_NAME).is_file():
         state = _load_state(out, model, opt, sched)
+        _truncate_log(out / LOG_NAME, state.step)  # steps after the checkpoint are replayed and logged again
     else:
         torch.manual_seed(config.seed)
         (out / LOG_NAME).unlink(missing_ok=True)
@@ -244,6 +257,7 @@ def fit(
     model.train()
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     last_good_loss = None
+    saved_step = state.step
     try:
         while state.step < total:
             epoch, index = divmod(state.micro_step, per_epoch)
@@ -251,13 +265,14 @@ def fit(
             step_loss = 0.0
             for _ in range(config.grad_accum):
                 idx = batches[index]
-                batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], pad_id).items()}
+                batch = {k: v.to(device) for k, v in collate_fn([train[i] for i in idx], pad_id).items()}
                 with _autocast(config.precision):
                     loss = model(**batch).loss / config.grad_accum
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"non-finite loss ({float(loss)}) at step {state.step + 1} (epoch {epoch}, batch {index}); "
-                        f"last good loss {last_good_loss}; the last checkpoint (step {state.step}) is kept"
+                        f"non-finite loss ({float(loss.detach())}) at step {state.step + 1} "
+                        f"(epoch {epoch}, batch {index}); last good loss {last_good_loss}; "
+                        f"the last checkpoint (step {saved_step}) is kept"
                     )
                 loss.backward()
                 step_loss += float(loss.detach())
@@ -284,7 +299,7 @@ def fit(
                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if dev and config.eval_every and (state.step % config.eval_every == 0 or state.step == total):
-                dev_loss = evaluate_loss(model, dev, config.batch_size, pad_id, config.precision)
+                dev_loss = evaluate_loss(model, dev, config.batch_size, pad_id, config.precision, collate_fn)
                 log({"step": state.step, "dev_loss": dev_loss})
                 if state.best_dev_loss is None or dev_loss < state.best_dev_loss:
                     state.best_dev_loss, state.best_step = dev_loss, state.step
@@ -296,7 +311,10 @@ def fit(
                     if config.early_stopping and state.evals_without_improvement >= config.early_stopping:
                         state.stopped = (f"early stopping after {state.evals_without_improvement} "
                                          "evaluations without improvement")
-            _save_state(out, model, opt, sched, state)
+            evaluated = bool(dev and config.eval_every and state.step % config.eval_every == 0)
+            if state.step % config.checkpoint_every == 0 or evaluated:
+                _save_state(out, model, opt, sched, state)
+                saved_step = state.step
             if on_step:
                 on_step(state)
             if state.stopped:
