@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import save_tiny_model_dir
 
 from prefixtune.cli import build_parser, main
@@ -30,7 +31,7 @@ def _train_args(tiny_dir, jsonl, out, *extra):
             *extra]
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "score", "generate", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "score", "generate", "demo", "serve"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([command, "--help"])
@@ -80,3 +81,42 @@ def test_bad_data_is_reported_with_file_line_and_field(tiny_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "target" in err
     assert not (tmp_path / "run" / "trainer_state.json").exists()
+
+
+def _tiny_bert_dir(path):
+    """A tiny BERT and a WordPiece tokenizer with [CLS]/[SEP] and segment ids, saved as a model folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "great", "awful", "film", "plot", "a", "the"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(path)
+    return str(path)
+
+
+def test_classify_train_and_eval(tmp_path, capsys):
+    model_dir = _tiny_bert_dir(tmp_path)
+    rows = [("a good film", "pos"), ("a great plot", "pos"), ("the awful film", "neg"), ("a bad plot", "neg")] * 4
+    data = tmp_path / "toy.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "classify", "--model", model_dir, "--data", str(data), "--dev-split", "x",
+                 "--out", str(out), "--prefix-length", "2", "--no-reparam", "--epochs", "20", "--batch-size", "8",
+                 "--lr", "1e-2", "--eval-every", "10"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 40 and set(summary["dev"]) == {"accuracy", "macro_f1", "mcc"}
+    record = json.loads((out / "best" / "run.json").read_text())
+    assert record["task"] == "classify" and record["labels"] == ["neg", "pos"]
+    assert main(["eval", str(out), "--split", "x", "--predictions", str(tmp_path / "p.txt")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == 16 and result["accuracy"] == summary["dev"]["accuracy"]
+    assert set((tmp_path / "p.txt").read_text().split()) <= {"pos", "neg"}

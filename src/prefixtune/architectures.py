@@ -92,6 +92,10 @@ def _bert_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
 
 
+def _distilbert_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
+    return cfg.n_layers, cfg.n_heads, cfg.dim // cfg.n_heads
+
+
 _DECODER_ONLY = _Arch("causal", {"decoder": r"layers\.(\d+)\.self_attn"}, _gqa_dims, lambda c: c.hidden_size)
 _BERT_LIKE = _Arch("encoder", {"encoder": r"encoder\.layer\.(\d+)\.attention\.self"}, _bert_dims,
                    lambda c: c.hidden_size)
@@ -124,12 +128,18 @@ ARCHITECTURES: dict[str, _Arch] = {
     ),
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "distilbert": _Arch("encoder", {"encoder": r"transformer\.layer\.(\d+)\.attention"}, _distilbert_dims,
+                        lambda c: c.dim),
 }
+# Not supported, on purpose: DeBERTa(-v2) computes disentangled relative-position attention inside its own
+# attention class (content-to-position and position-to-content terms over the keys), not through transformers'
+# attention interface, so prefix keys would need positions of their own; it is refused like any other.
 
 
 def _key_projection_width(module: nn.Module) -> int | None:
     """Output width of a self-attention module's key projection, where it has a separate one."""
-    for name in ("k_proj", "k", "key"):
+    for name in ("k_proj", "k", "key", "k_lin"):
         proj = getattr(module, name, None)
         if isinstance(proj, nn.Linear):
             return proj.out_features

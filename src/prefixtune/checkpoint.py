@@ -29,7 +29,9 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     spec = read_spec(model)
     emb = model.get_input_embeddings().weight
     rows = emb[: min(64, emb.shape[0])].detach().float().cpu().contiguous()
-    last = [p for p in model.parameters() if p.ndim == 2][-1]
+    # the first 2-D weight of the last prefix-carrying attention layer (not a task head, which may be new)
+    path = spec.slots[-1][0]
+    last = next(p for p in model.get_submodule(path).parameters() if p.ndim == 2)
     tail = last[:8].detach().float().cpu().contiguous()
     h = hashlib.sha256(rows.numpy().tobytes())
     h.update(tail.numpy().tobytes())
@@ -68,7 +70,7 @@ def save_prefix(model: PrefixModel, directory: str | Path, fold: bool = True) ->
     ``fold=True`` stores the computed prefix; ``fold=False`` keeps the MLP to resume training.
     """
     directory = Path(directory)
-    tensors = _folded_state(model) if fold else model.trainable_state_dict()
+    tensors = {**_folded_state(model), **model.module_state_dict()} if fold else model.trainable_state_dict()
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     weights = directory / WEIGHTS_NAME
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
@@ -77,6 +79,7 @@ def save_prefix(model: PrefixModel, directory: str | Path, fold: bool = True) ->
         "format": FORMAT,
         "prefix_config": config.to_dict(),
         "folded": fold or model.prefix.folded,
+        "train_modules": list(model.train_modules),
         "base_model": fingerprint(model.base),
         "weights_sha256": sha256_file(weights),
     }
@@ -109,23 +112,69 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load(directory: str | Path, model: nn.Module, tokenizer: Any = None) -> PrefixModel:
-    """Attach the prefix saved in ``directory`` to ``model`` (refused if it is another base model)."""
-    from .model import attach
-
-    directory = Path(directory)
+def _read_prefix(directory: Path, model: nn.Module) -> tuple[PrefixConfig, dict[str, torch.Tensor], list[str]]:
+    """The checked config, tensors (on the model's device) and trained module names saved in ``directory``."""
     meta = read_meta(directory)
     compare_fingerprints(meta["base_model"], fingerprint(model), str(directory / CONFIG_NAME))
     config = PrefixConfig.from_dict(meta["prefix_config"], source=f"{directory / CONFIG_NAME}: prefix_config")
     if meta["folded"]:
         config = config.replace(reparam=False)
-    pm = attach(model, config.replace(init="random"))
-    tensors = load_file(str(directory / WEIGHTS_NAME), device=str(pm.device))
-    expected = set(pm.trainable_state_dict())
+    device = next(model.parameters()).device
+    tensors = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+    return config.replace(init="random"), tensors, list(meta.get("train_modules", []))
+
+
+def _check_keys(directory: Path, tensors: dict[str, torch.Tensor], expected: set[str]) -> None:
     if set(tensors) != expected:
-        pm.detach()
         raise ValueError(
             f"{directory / WEIGHTS_NAME}: tensors {sorted(tensors)} do not match this prefix's {sorted(expected)}"
         )
-    pm.prefix.stacks.load_state_dict(tensors)
+
+
+def load(directory: str | Path, model: nn.Module, tokenizer: Any = None) -> PrefixModel:
+    """Attach the prefix saved in ``directory`` to ``model`` (refused if it is another base model)."""
+    from .model import attach
+
+    directory = Path(directory)
+    config, tensors, train_modules = _read_prefix(directory, model)
+    pm = attach(model, config, train_modules=train_modules)
+    expected = pm.trainable_state_dict()
+    try:
+        _check_keys(directory, tensors, set(expected))
+        wrong = [k for k, v in tensors.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise ValueError(f"{directory / WEIGHTS_NAME}: tensors {wrong} have other shapes than this model needs "
+                             f"({[list(expected[k].shape) for k in wrong]}), e.g. another number of labels")
+    except ValueError:
+        pm.detach()
+        raise
+    pm.prefix.stacks.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("module.")})
+    pm.load_module_state_dict(tensors)
     return pm
+
+
+@torch.no_grad()
+def load_prefix_kv(directory: str | Path, model: nn.Module) -> torch.Tensor:
+    """The decoder keys/values of the prefix saved in ``directory``, without attaching it to ``model``.
+
+    Returns (P, layers, 2, kv_heads, head_dim) in the model's dtype (what ``PrefixBatch.kv["decoder"]``
+    holds for one row). Decoder-only models and ``mode="prefix"`` only: an embedding-only prefix needs
+    the model to compute its K/V (``load(...).prefix_batch()``), and an infix does not sit in front.
+    """
+    from .prefix import PrefixEncoder, as_kv
+
+    directory = Path(directory)
+    config, tensors, _ = _read_prefix(directory, model)
+    spec = read_spec(model)
+    if spec.kind != "causal" or config.mode != "prefix":
+        raise ValueError(f"{directory / CONFIG_NAME}: only mode 'prefix' on a decoder-only model can be read as "
+                         f"K/V directly; this is mode {config.mode!r} on {spec.architecture}")
+    with torch.random.fork_rng(devices=[]):  # the encoder's random init must not move the global RNG
+        encoder = PrefixEncoder(config, spec)
+    _check_keys(directory, tensors, {f"{name}.{key}" for name, sp in encoder.stacks.items()
+                                     for key in sp.state_dict()})
+    encoder.stacks.load_state_dict(tensors)
+    encoder.to(tensors[next(iter(tensors))].device).eval()
+    flat = encoder()["decoder"]
+    param = next(model.parameters())
+    return as_kv(flat, spec, "decoder")[0].to(dtype=param.dtype)

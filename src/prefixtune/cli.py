@@ -17,21 +17,30 @@ DEFAULTS_PREFIX = PrefixConfig()
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="e2e", help="e2e | webnlg | dart | path.jsonl | path.csv | hf:NAME")
+    p.add_argument("--data", default=None,
+                   help="generate: e2e (default) | webnlg | dart | path.jsonl | path.csv | hf:NAME; "
+                        "classify: sst2 (default) | rte | boolq | path.jsonl/.csv/.tsv")
     p.add_argument("--source-field", default=None, help="source column/key for a .jsonl/.csv/hf: dataset")
     p.add_argument("--target-field", default=None, help="target column/key for a .jsonl/.csv/hf: dataset")
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="prefix-tune a model on a dataset")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
+    p.add_argument("--task", choices=["generate", "classify"], default="generate",
+                   help="generate: table-to-text with a causal LM (default); classify: P-tuning v2 on an encoder")
+    p.add_argument("--model", default=None,
+                   help="smollm2-135m (default for generate), minilm-l6 (default for classify), a local HF folder, "
+                        "or a hub id")
     _add_data_args(p)
+    p.add_argument("--text-pair-field", default=None, help="classify: second text column of a file, if any")
+    p.add_argument("--label-field", default=None, help="classify: label column of a file (default: label)")
     p.add_argument("--out", required=True, help="run directory (log, checkpoints, best/)")
     p.add_argument("--split", default="train")
     p.add_argument("--dev-split", default="dev", help="split for dev loss ('none' to skip)")
     p.add_argument("--dev-limit", type=int, default=200, help="dev examples for dev loss (seeded subset)")
     p.add_argument("--train-limit", type=int, default=None, help="first N training examples after a seeded shuffle")
-    p.add_argument("--max-length", type=int, default=256, help="longest training sequence in tokens")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest training sequence in tokens (default 256; classify: 128, longer is truncated)")
     p.add_argument("--on-too-long", choices=["error", "truncate", "skip"], default="error",
                    help="what to do with a longer example (truncate cuts the source; both are reported)")
     p.add_argument("--separator", default="\n", help="text between source and target (default: newline)")
@@ -62,15 +71,17 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="decode one output per unique source and print the metrics")
+    p = sub.add_parser("eval", help="decode one output per unique source and print the metrics "
+                                    "(classification runs: accuracy, macro F1, MCC)")
     p.add_argument("run_dir", help="a run directory (uses its best/) or a saved prefix folder with run.json")
     p.add_argument("--data", default=None, help="dataset (default: the one the run trained on)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="default: test (classification: dev)")
     p.add_argument("--limit", type=int, default=None, help="first N unique sources")
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--predictions", required=True, help="output file, one prediction per line in source order")
+    p.add_argument("--predictions", default=None,
+                   help="output file, one prediction per line in source order (required for generation runs)")
 
 
 def _score_parser(sub: argparse._SubParsersAction) -> None:
@@ -97,21 +108,30 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-limit", type=int, default=40, help="first N test MRs to score")
 
 
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a base model and many prefixes")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
+    p.add_argument("--prefixes", default=None, help="folder of save_pretrained prefix folders (their names are "
+                   "the model ids); the admin endpoint loads more from it when $PREFIXTUNE_ADMIN_TOKEN is set")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="most requests decoded together")
+    p.add_argument("--max-waiting", type=int, default=256, help="queue bound; beyond it requests get 503")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefixtune", description="Prefix tuning for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _eval_parser, _score_parser, _generate_parser, _demo_parser):
+    for add in (_train_parser, _eval_parser, _score_parser, _generate_parser, _demo_parser, _serve_parser):
         add(sub)
     return parser
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .pipeline import DataSpec, train_run
+    from .pipeline import ClassifySpec, DataSpec, train_classifier_run, train_run
 
-    data = DataSpec(data=a.data, split=a.split, dev_split=None if a.dev_split == "none" else a.dev_split,
-                    dev_limit=a.dev_limit, train_limit=a.train_limit, source_field=a.source_field,
-                    target_field=a.target_field, max_length=a.max_length, on_too_long=a.on_too_long,
-                    separator=a.separator)
+    dev_split = None if a.dev_split == "none" else a.dev_split
     prefix = PrefixConfig(prefix_length=a.prefix_length, reparam=not a.no_reparam, reparam_hidden=a.reparam_hidden,
                           mode=a.mode, init=a.init, dropout=a.prefix_dropout)
     train = TrainConfig(epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
@@ -119,16 +139,30 @@ def _cmd_train(a: argparse.Namespace) -> int:
                         max_grad_norm=a.max_grad_norm, seed=a.seed, precision=a.precision,
                         gradient_checkpointing=a.gradient_checkpointing, eval_every=a.eval_every,
                         early_stopping=a.early_stopping)
-    summary = train_run(a.out, a.model, data, prefix, train, resume=a.resume)
+    if a.task == "classify":
+        cdata = ClassifySpec(data=a.data or "sst2", split=a.split, dev_split=dev_split, train_limit=a.train_limit,
+                             text_field=a.source_field, text_pair_field=a.text_pair_field, label_field=a.label_field,
+                             max_length=a.max_length or 128)
+        summary = train_classifier_run(a.out, a.model or "minilm-l6", cdata, prefix, train, resume=a.resume)
+    else:
+        data = DataSpec(data=a.data or "e2e", split=a.split, dev_split=dev_split, dev_limit=a.dev_limit,
+                        train_limit=a.train_limit, source_field=a.source_field, target_field=a.target_field,
+                        max_length=a.max_length or 256, on_too_long=a.on_too_long, separator=a.separator)
+        summary = train_run(a.out, a.model or "smollm2-135m", data, prefix, train, resume=a.resume)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from .pipeline import evaluate_run
+    from .pipeline import evaluate_classifier_run, evaluate_run, run_task
 
-    result = evaluate_run(a.run_dir, a.data, a.split, a.predictions, limit=a.limit, num_beams=a.beams,
-                          max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    if run_task(a.run_dir) == "classify":
+        result = evaluate_classifier_run(a.run_dir, a.data, a.split or "dev", a.limit, a.predictions)
+    else:
+        if not a.predictions:
+            raise ValueError("--predictions FILE is required to evaluate a generation run")
+        result = evaluate_run(a.run_dir, a.data, a.split or "test", a.predictions, limit=a.limit,
+                              num_beams=a.beams, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -137,12 +171,13 @@ def _cmd_score(a: argparse.Namespace) -> int:
     from .metrics import read_predictions
     from .pipeline import metrics_for, reference_groups
 
-    sources, refs = reference_groups(a.data, a.split, a.limit, a.source_field, a.target_field)
+    data = a.data or "e2e"
+    sources, refs = reference_groups(data, a.split, a.limit, a.source_field, a.target_field)
     preds = read_predictions(a.predictions)
     if len(preds) != len(refs):
-        raise ValueError(f"{a.predictions}: {len(preds)} predictions, but {a.data} {a.split} has {len(refs)} "
+        raise ValueError(f"{a.predictions}: {len(preds)} predictions, but {data} {a.split} has {len(refs)} "
                          "unique sources" + (f" (first {a.limit})" if a.limit else ""))
-    print(json.dumps({"data": a.data, "split": a.split, "sources": len(sources), **metrics_for(a.data, preds, refs)},
+    print(json.dumps({"data": data, "split": a.split, "sources": len(sources), **metrics_for(data, preds, refs)},
                      indent=2))
     return 0
 
@@ -169,8 +204,16 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(a.model, a.prefixes, host=a.host, port=a.port, max_batch_size=a.max_batch_size,
+          max_waiting=a.max_waiting, max_tokens=a.max_tokens)
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "score": _cmd_score, "generate": _cmd_generate,
-            "demo": _cmd_demo}
+            "demo": _cmd_demo, "serve": _cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,14 @@ class PrefixModel(nn.Module):
     arguments as ``transformers``' ``generate``. Only ``self.prefix`` is trainable.
     """
 
-    def __init__(self, base: nn.Module, config: PrefixConfig, spec: ModelSpec, injection: Injection):
+    def __init__(self, base: nn.Module, config: PrefixConfig, spec: ModelSpec, injection: Injection,
+                 train_modules: Sequence[str] = ()):
         super().__init__()
         self.base = base
         self.spec = spec
         self.injection = injection
         self.prefix = PrefixEncoder(config, spec)
+        self.train_modules = tuple(train_modules)
         self.enabled = True
 
     # ------------------------------------------------------------------ properties
@@ -136,8 +138,22 @@ class PrefixModel(nn.Module):
         self.base.activation_checkpointing_disable()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the prefix tensors (what is saved): ``{"<stack>.table" | MLP keys: tensor}``."""
-        return {k.removeprefix("stacks."): v for k, v in self.prefix.state_dict().items()}
+        """Exactly what trains (and is saved): the prefix tensors ``{"<stack>.table" | MLP keys}`` and
+        those of the ``train_modules`` (e.g. a classification head) as ``module.<name>.<key>``."""
+        out = {k.removeprefix("stacks."): v for k, v in self.prefix.state_dict().items()}
+        out.update(self.module_state_dict())
+        return out
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """The ``train_modules``' tensors, keyed ``module.<name>.<key>``."""
+        return {f"module.{name}.{k}": v for name in self.train_modules
+                for k, v in self.base.get_submodule(name).state_dict().items()}
+
+    def load_module_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in self.train_modules:
+            prefix = f"module.{name}."
+            sub = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            self.base.get_submodule(name).load_state_dict(sub)
 
     def save_pretrained(self, directory: str | Path, fold: bool = True) -> None:
         """Save the prefix (folded unless ``fold=False``), its config and the base fingerprint."""
@@ -168,18 +184,33 @@ def infix_start_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor |
     return positions.gather(1, (first - 1).clamp(min=0)[:, None])[:, 0]
 
 
-def attach(model: nn.Module, config: PrefixConfig | None = None, tokenizer: Any = None) -> PrefixModel:
+def attach(
+    model: nn.Module,
+    config: PrefixConfig | None = None,
+    tokenizer: Any = None,
+    train_modules: Sequence[str] = (),
+) -> PrefixModel:
     """Freeze ``model`` and give it a trainable prefix; returns the ``PrefixModel``.
 
     With ``config.init = "text:<words>"`` the prefix starts as the frozen model's own K/V of
     those words (``tokenizer`` required) and its length becomes their token count.
+    ``train_modules`` names submodules that train (and are saved) with the prefix, e.g. a
+    classification head (``"classifier"``).
     """
     config = config or PrefixConfig()
     spec = read_spec(model)
     if config.mode != "prefix" and spec.kind != "causal":
         raise ValueError(f"mode {config.mode!r} is implemented for decoder-only models, not {spec.architecture}")
+    names = dict(model.named_modules())
+    missing = [n for n in train_modules if not n or n not in names]
+    if missing:
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(f"{spec.architecture} has no module(s) {missing} to train; its top-level modules: {top}")
     for p in model.parameters():
         p.requires_grad_(False)
+    for name in train_modules:
+        for p in names[name].parameters():
+            p.requires_grad_(True)
     injection = Injection(model, spec)
     try:
         init_kv = None
@@ -188,7 +219,7 @@ def attach(model: nn.Module, config: PrefixConfig | None = None, tokenizer: Any 
                 raise ValueError(f"init {config.init!r} needs the model's tokenizer: attach(model, config, tokenizer)")
             init_kv = _text_activations(model, injection, spec, config, tokenizer)
             config = config.replace(prefix_length=next(iter(init_kv.values())).shape[0])
-        pm = PrefixModel(model, config, spec, injection)
+        pm = PrefixModel(model, config, spec, injection, train_modules)
         param = next(model.parameters())
         pm.prefix.to(device=param.device)
         if init_kv is not None:

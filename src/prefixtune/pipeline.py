@@ -257,3 +257,132 @@ def demo(out_dir: str | Path, train_limit: int = 300, epochs: float = 1.0, eval_
     print(f"\nexample: {sources[0]}\n  untrained: {base_preds[0]}\n  prefix-tuned: {preds[0]}")
     print(f"run directory: {out} (log.jsonl, loss.png, best/, test_predictions.txt)")
     return rows
+
+
+# ----------------------------------------------------------------------------- classification (P-tuning v2)
+
+
+@dataclass(frozen=True)
+class ClassifySpec:
+    """Which labelled data a classification run trains on."""
+
+    data: str = "sst2"
+    split: str = "train"
+    dev_split: str | None = "dev"
+    train_limit: int | None = None
+    text_field: str | None = None
+    text_pair_field: str | None = None
+    label_field: str | None = None
+    max_length: int = 128
+
+    def load(self, split: str, labels: tuple[str, ...] | None = None):
+        from .glue import load_classification
+
+        return load_classification(self.data, split, text_field=self.text_field, text_pair_field=self.text_pair_field,
+                                   label_field=self.label_field, labels=labels)
+
+
+def load_classifier_base(model_name: str, num_labels: int) -> tuple[Any, Any]:
+    """A transformers sequence-classification model (new head, sdpa attention) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .hub import resolve_model
+
+    path = resolve_model(model_name)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, attn_implementation="sdpa")
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def train_classifier_run(
+    out_dir: str | Path,
+    model_name: str,
+    data: ClassifySpec,
+    prefix: PrefixConfig,
+    train: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """P-tuning v2: train a prefix and the task head of a frozen encoder; returns a summary with dev metrics.
+
+    ``prefix.prefix_length = 0`` trains the head alone (a linear probe).
+    """
+    from .classify import attach_classifier, classification_metrics, collate_classes, encode_examples, predict
+
+    out = Path(out_dir)
+    if not resume and (out / STATE_NAME).exists():
+        raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
+    examples, labels = data.load(data.split)
+    if data.train_limit is not None:
+        examples = shuffled_subset(examples, data.train_limit, train.seed)
+    torch.manual_seed(train.seed)
+    model, tokenizer = load_classifier_base(model_name, len(labels))
+    encoded = encode_examples(tokenizer, examples, data.max_length)
+    dev = encode_examples(tokenizer, data.load(data.dev_split, labels)[0], data.max_length) if data.dev_split else None
+    pm = attach_classifier(model, prefix)
+    record = {"task": "classify", "model": {"name": model_name}, "data": dataclasses.asdict(data),
+              "labels": list(labels), "prefix": pm.config.to_dict(), "train": dataclasses.asdict(train),
+              "data_fingerprint": hashlib.sha256(repr([(e.text, e.text_pair, e.label) for e in examples]).encode())
+              .hexdigest(), "num_train_examples": len(encoded), "versions": _versions(), "argv": sys.argv,
+              "trainable_parameters": pm.num_trainable_parameters()}
+    run_path = out / RUN_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and run_path.is_file():
+        _check_resume(json.loads(run_path.read_text()), record, run_path)
+    else:
+        atomic_write_text(run_path, json.dumps(record, indent=2) + "\n")
+
+    def save_best(directory: Path) -> None:
+        pm.save_pretrained(directory)
+        atomic_write_text(directory / RUN_NAME, json.dumps(record, indent=2) + "\n")
+
+    pad_id = tokenizer.pad_token_id or 0
+    state = fit(pm, encoded, out, train, pad_id, dev=dev, resume=resume, save_best=save_best, progress=progress,
+                collate_fn=collate_classes)
+    from .plots import plot_log
+
+    plot_log(out / LOG_NAME, out / "loss.png")
+    summary = {"out": str(out), "steps": state.step, "stopped": state.stopped,
+               "trainable_parameters": record["trainable_parameters"]}
+    if dev:
+        best, _, _ = load_trained_classifier(out)
+        summary["dev"] = classification_metrics(predict(best, dev, pad_id), [d.label for d in dev])
+    return summary
+
+
+def load_trained_classifier(run_dir: str | Path) -> tuple[PrefixModel, Any, dict[str, Any]]:
+    """The classifier (prefix + head), tokenizer and run record of a classification run directory."""
+    path = Path(run_dir)
+    prefix_dir = path / "best" if (path / "best" / CONFIG_NAME).is_file() else path
+    record = json.loads((prefix_dir / RUN_NAME).read_text())
+    model, tokenizer = load_classifier_base(record["model"]["name"], len(record["labels"]))
+    return load(prefix_dir, model), tokenizer, record
+
+
+def evaluate_classifier_run(run_dir: str | Path, data: str | None, split: str, limit: int | None = None,
+                            predictions_path: str | Path | None = None) -> dict[str, Any]:
+    """Accuracy, macro F1 and MCC of a classification run on ``split``; predictions as label names."""
+    from .classify import classification_metrics, encode_examples, predict
+
+    pm, tokenizer, record = load_trained_classifier(run_dir)
+    spec = ClassifySpec(**record["data"])
+    if data:
+        spec = dataclasses.replace(spec, data=data)
+    labels = tuple(record["labels"])
+    examples, _ = spec.load(split, labels)
+    examples = examples[:limit] if limit else examples
+    encoded = encode_examples(tokenizer, examples, spec.max_length)
+    preds = predict(pm, encoded, tokenizer.pad_token_id or 0)
+    result = {"data": spec.data, "split": split, "examples": len(examples),
+              **classification_metrics(preds, [e.label for e in examples])}
+    if predictions_path:
+        write_outputs(predictions_path, [labels[p] for p in preds], result)
+    return result
+
+
+def run_task(run_dir: str | Path) -> str:
+    """'classify' or 'generate', from a run directory's record."""
+    path = Path(run_dir)
+    for candidate in (path / "best" / RUN_NAME, path / RUN_NAME):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()).get("task", "generate")
+    raise FileNotFoundError(f"{path / RUN_NAME}: missing; {path} is not a prefixtune run directory")

@@ -132,7 +132,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[EncodedExample], batch_si
     device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate_fn(list(examples[i : i + batch_size]), pad_id).items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = int((batch["labels"] != -100).sum())  # labelled tokens (or rows, for classification)
         with _autocast(precision):
             loss = model(**batch).loss
         total += float(loss.detach()) * n
