@@ -3,7 +3,10 @@
 from .architectures import ModelSpec, StackSpec, read_spec
 from .checkpoint import load
 from .config import PrefixConfig
+from .engine import Engine, EngineConfig
 from .model import PrefixModel, attach
+from .sampling import SamplingParams
 
-__all__ = ["ModelSpec", "PrefixConfig", "PrefixModel", "StackSpec", "attach", "load", "read_spec"]
+__all__ = ["Engine", "EngineConfig", "ModelSpec", "PrefixConfig", "PrefixModel", "SamplingParams", "StackSpec",
+           "attach", "load", "read_spec"]
 __version__ = "0.1.0"

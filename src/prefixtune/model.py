@@ -77,6 +77,22 @@ class PrefixModel(nn.Module):
             return PrefixBatch(kv=kv, lengths=lengths, infix_start=infix_start)
         return PrefixBatch(kv=kv, lengths=lengths)
 
+    @torch.no_grad()
+    def decoder_kv(self) -> torch.Tensor | None:
+        """One row's decoder keys/values, (P, layers, 2, kv_heads, head_dim), as a KV cache of P past
+        tokens would hold them (no dropout); None when disabled or of length 0. Decoder-only models,
+        prefix and embedding-only modes (what the serving engine takes)."""
+        if self.spec.kind != "causal" or self.config.mode == "infix":
+            raise ValueError(f"only prefixes in front of a decoder-only model are K/V of past tokens; this is "
+                             f"mode {self.config.mode!r} on {self.spec.architecture}")
+        was_training = self.prefix.training  # only the prefix: self.train() would also switch the base model
+        self.prefix.eval()
+        try:
+            batch = self.prefix_batch()
+        finally:
+            self.prefix.train(was_training)
+        return None if batch is None else batch.kv["decoder"][0]
+
     def _dummy_decoder_inputs(self, length: int) -> dict[str, torch.Tensor]:
         if self.spec.kind != "seq2seq":
             return {}
