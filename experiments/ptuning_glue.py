@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=3)
     ap.add_argument("--out", default="runs/glue")
     ap.add_argument("--table", default="docs/ptuning_glue.md")
+    ap.add_argument("--no-run", action="store_true", help="only tabulate the runs already done")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict = {}
@@ -131,6 +132,8 @@ def main() -> None:
                 path = out / "result.json"
                 if path.is_file():
                     result = json.loads(path.read_text())
+                elif args.no_run:
+                    continue
                 else:
                     print(f"=== {task} {system} seed {seed}", flush=True)
                     try:
@@ -144,6 +147,8 @@ def main() -> None:
                     results[task][system] = {"error": result["error"]}
                     break
                 results[task][system][seed] = result
+    results = {t: {s: r for s, r in by.items() if r} for t, by in results.items()}
+    results = {t: by for t, by in results.items() if by}
     text = table(results, seeds, args.epochs)
     atomic_write_text(Path(args.table), text)
     print(text)
