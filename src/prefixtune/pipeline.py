@@ -110,6 +110,34 @@ def prepare_data(tokenizer: Any, data: DataSpec, seed: int
     return examples, encoded, dev_encoded
 
 
+def _check_fresh(out: Path, resume: bool) -> None:
+    if not resume and (out / STATE_NAME).exists():
+        raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
+
+
+def _fit_run(out: Path, pm: PrefixModel, record: dict[str, Any], train_set: list[Any], dev: list[Any] | None,
+             train: TrainConfig, pad_id: int, resume: bool, progress: bool, collate_fn: Any = None) -> Any:
+    """Write (or, resuming, check) ``run.json``, train with the best prefix kept in ``best/``, plot the log."""
+    run_path = out / RUN_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and run_path.is_file():
+        _check_resume(json.loads(run_path.read_text()), record, run_path)
+    else:
+        atomic_write_text(run_path, json.dumps(record, indent=2) + "\n")
+
+    def save_best(directory: Path) -> None:
+        pm.save_pretrained(directory)
+        atomic_write_text(directory / RUN_NAME, json.dumps(record, indent=2) + "\n")
+
+    extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
+    state = fit(pm, train_set, out, train, pad_id, dev=dev, resume=resume, save_best=save_best, progress=progress,
+                **extra)
+    from .plots import plot_log
+
+    plot_log(out / LOG_NAME, out / "loss.png")
+    return state
+
+
 def train_run(
     out_dir: str | Path,
     model_name: str,
@@ -121,9 +149,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Prefix-tune ``model_name`` on ``data``; writes the run directory and returns a summary."""
     out = Path(out_dir)
-    run_path = out / RUN_NAME
-    if not resume and (out / STATE_NAME).exists():
-        raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
+    _check_fresh(out, resume)
     model, tokenizer = load_causal_lm(model_name)
     examples, encoded, dev_encoded = prepare_data(tokenizer, data, train.seed)
     record = {
@@ -140,22 +166,8 @@ def train_run(
     pm = attach(model, prefix, tokenizer)
     record["prefix"] = pm.config.to_dict()  # the init text may have set the length
     record["trainable_parameters"] = pm.num_trainable_parameters()
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and run_path.is_file():
-        _check_resume(json.loads(run_path.read_text()), record, run_path)
-    else:
-        atomic_write_text(run_path, json.dumps(record, indent=2) + "\n")
-
-    def save_best(directory: Path) -> None:
-        pm.save_pretrained(directory)
-        atomic_write_text(directory / RUN_NAME, json.dumps(record, indent=2) + "\n")
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    state = fit(pm, encoded, out, train, pad_id, dev=dev_encoded, resume=resume, save_best=save_best,
-                progress=progress)
-    from .plots import plot_log
-
-    plot_log(out / LOG_NAME, out / "loss.png")
+    state = _fit_run(out, pm, record, encoded, dev_encoded, train, pad_id, resume, progress)
     losses = [r["loss"] for r in state.history if "loss" in r]
     return {"out": str(out), "steps": state.step, "stopped": state.stopped, "best_dev_loss": state.best_dev_loss,
             "best_step": state.best_step, "final_train_loss": losses[-1] if losses else None,
@@ -309,8 +321,7 @@ def train_classifier_run(
     from .classify import attach_classifier, classification_metrics, collate_classes, encode_examples, predict
 
     out = Path(out_dir)
-    if not resume and (out / STATE_NAME).exists():
-        raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
+    _check_fresh(out, resume)
     examples, labels = data.load(data.split)
     if data.train_limit is not None:
         examples = shuffled_subset(examples, data.train_limit, train.seed)
@@ -324,23 +335,8 @@ def train_classifier_run(
               "data_fingerprint": hashlib.sha256(repr([(e.text, e.text_pair, e.label) for e in examples]).encode())
               .hexdigest(), "num_train_examples": len(encoded), "versions": _versions(), "argv": sys.argv,
               "trainable_parameters": pm.num_trainable_parameters()}
-    run_path = out / RUN_NAME
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and run_path.is_file():
-        _check_resume(json.loads(run_path.read_text()), record, run_path)
-    else:
-        atomic_write_text(run_path, json.dumps(record, indent=2) + "\n")
-
-    def save_best(directory: Path) -> None:
-        pm.save_pretrained(directory)
-        atomic_write_text(directory / RUN_NAME, json.dumps(record, indent=2) + "\n")
-
     pad_id = tokenizer.pad_token_id or 0
-    state = fit(pm, encoded, out, train, pad_id, dev=dev, resume=resume, save_best=save_best, progress=progress,
-                collate_fn=collate_classes)
-    from .plots import plot_log
-
-    plot_log(out / LOG_NAME, out / "loss.png")
+    state = _fit_run(out, pm, record, encoded, dev, train, pad_id, resume, progress, collate_classes)
     summary = {"out": str(out), "steps": state.step, "stopped": state.stopped,
                "trainable_parameters": record["trainable_parameters"]}
     if dev:
