@@ -36,7 +36,8 @@ MODEL = "minilm-l6"
 SIZES = {"sst2": {"train_limit": 4000, "batch": 32}, "rte": {"train_limit": None, "batch": 16}}
 SYSTEMS = {
     # name: (label, learning rate)
-    "ptuning-v2": ("P-tuning v2 (prefix P=16 at every layer + head)", 1e-2),
+    "ptuning-v2": ("P-tuning v2 (prefix P=16 at every layer + head), prefix init N(0, 0.02)", 1e-2),
+    "ptuning-v2-init1": ("P-tuning v2, prefix init N(0, 1) (as PEFT and the P-tuning v2 code)", 1e-2),
     "head-only": ("linear probe (head only, frozen encoder)", 1e-2),
     "finetune": ("full fine-tuning", 5e-5),
     "peft-prefix": ("PEFT prefix tuning (P=16, SEQ_CLS)", 1e-2),
@@ -50,8 +51,9 @@ def run(task: str, system: str, seed: int, out: Path, epochs: float) -> dict:
     train = TrainConfig(epochs=epochs, batch_size=size["batch"], lr=lr, warmup_steps=20, seed=seed, log_every=20,
                         checkpoint_every=10_000)
     t0 = time.perf_counter()
-    if system in ("ptuning-v2", "head-only"):
-        prefix = PrefixConfig(prefix_length=16 if system == "ptuning-v2" else 0, reparam=False, init_std=0.02)
+    if system in ("ptuning-v2", "ptuning-v2-init1", "head-only"):
+        prefix = PrefixConfig(prefix_length=0 if system == "head-only" else 16, reparam=False,
+                              init_std=1.0 if system == "ptuning-v2-init1" else 0.02)
         summary = train_classifier_run(out, MODEL, spec, prefix, train, resume=True, progress=False)
         return {"dev": summary["dev"], "trainable_parameters": summary["trainable_parameters"],
                 "wall_s": round(time.perf_counter() - t0, 1), "lr": lr}
