@@ -220,7 +220,11 @@ def test_other_errors(setup, oai, http):
 
 
 def test_full_queue_is_503_with_retry_after(setup):
-    """2 rows run and 2 wait at most: of 6 concurrent requests, some are refused at once."""
+    """2 rows run and 2 wait at most: of 6 concurrent requests, those beyond capacity are refused at once.
+
+    How many depends on whether the engine admitted 2 to its running batch before the others arrived
+    (the gate holds the model, not admission): 2 refused if it did, up to 4 if all 6 arrived first.
+    """
     gate = setup["gate"]
     gate.open.clear()
     results: list[httpx.Response] = []
@@ -244,7 +248,7 @@ def test_full_queue_is_503_with_retry_after(setup):
     assert refused and refused[0].headers["retry-after"] == "1"
     assert refused[0].json()["error"]["code"] == "queue_full"
     assert all(r.status_code == 200 for r in results if r.status_code != 503)
-    assert len(results) == 6 and 2 <= len(refused) <= 3
+    assert len(results) == 6 and 2 <= len(refused) <= 4
 
 
 def _cancelled(http) -> int:
@@ -264,7 +268,8 @@ def test_client_disconnect_cancels_generation(setup, http):
     gate.delay_s = 0.02  # 500 tokens would take > 10 s
     try:
         before = _cancelled(http)
-        body = {"model": "alpha", "prompt": "hi", "max_tokens": 500, "stream": True}
+        # ignore_eos: a sampled EOS must not end the generation before the client goes away
+        body = {"model": "alpha", "prompt": "hi", "max_tokens": 500, "stream": True, "ignore_eos": True}
         with httpx.Client(base_url=setup["url"], timeout=TIMEOUT) as c, c.stream("POST", "/v1/completions",
                                                                                 json=body) as r:
             assert r.status_code == 200
