@@ -62,7 +62,7 @@ class PrefixModel(nn.Module):
         outputs = self.prefix()
         if self.config.mode == "embedding-only":
             virtual = outputs["embedding"][None].to(self.base.dtype)  # (1, P, hidden)
-            collected = self.injection.collect_kv(inputs_embeds=virtual, **self._dummy_decoder_inputs(p))
+            collected = self.injection.collect_kv(inputs_embeds=virtual)  # decoder-only (attach checks)
             kv = {}
             for stack in enabled_stacks(self.config, self.spec):
                 layers = self.spec.stack(stack).num_layers
@@ -92,12 +92,6 @@ class PrefixModel(nn.Module):
         finally:
             self.prefix.train(was_training)
         return None if batch is None else batch.kv["decoder"][0]
-
-    def _dummy_decoder_inputs(self, length: int) -> dict[str, torch.Tensor]:
-        if self.spec.kind != "seq2seq":
-            return {}
-        start = self.base.config.decoder_start_token_id or 0
-        return {"decoder_input_ids": torch.full((1, 1), start, device=self.device)}
 
     @contextmanager
     def disabled(self) -> Iterator[None]:

@@ -174,14 +174,19 @@ def train_run(
             "trainable_parameters": record["trainable_parameters"]}
 
 
-def load_trained(run_dir: str | Path) -> tuple[PrefixModel, Any, dict[str, Any]]:
-    """The prefix model, tokenizer and run record of a run directory (or of its ``best/``)."""
+def locate_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The saved-prefix folder of a run directory (its ``best/`` when there is one) and the run record."""
     path = Path(run_dir)
     prefix_dir = path / "best" if (path / "best" / CONFIG_NAME).is_file() else path
     run_path = prefix_dir / RUN_NAME if (prefix_dir / RUN_NAME).is_file() else path / RUN_NAME
     if not run_path.is_file():
         raise FileNotFoundError(f"{run_path}: missing; {path} is not a prefixtune run directory")
-    record = json.loads(run_path.read_text())
+    return prefix_dir, json.loads(run_path.read_text())
+
+
+def load_trained(run_dir: str | Path) -> tuple[PrefixModel, Any, dict[str, Any]]:
+    """The prefix model, tokenizer and run record of a run directory (or of its ``best/``)."""
+    prefix_dir, record = locate_run(run_dir)
     model, tokenizer = load_causal_lm(record["model"]["name"])
     return load(prefix_dir, model), tokenizer, record
 
@@ -347,9 +352,7 @@ def train_classifier_run(
 
 def load_trained_classifier(run_dir: str | Path) -> tuple[PrefixModel, Any, dict[str, Any]]:
     """The classifier (prefix + head), tokenizer and run record of a classification run directory."""
-    path = Path(run_dir)
-    prefix_dir = path / "best" if (path / "best" / CONFIG_NAME).is_file() else path
-    record = json.loads((prefix_dir / RUN_NAME).read_text())
+    prefix_dir, record = locate_run(run_dir)
     model, tokenizer = load_classifier_base(record["model"]["name"], len(record["labels"]))
     return load(prefix_dir, model), tokenizer, record
 
@@ -377,8 +380,4 @@ def evaluate_classifier_run(run_dir: str | Path, data: str | None, split: str, l
 
 def run_task(run_dir: str | Path) -> str:
     """'classify' or 'generate', from a run directory's record."""
-    path = Path(run_dir)
-    for candidate in (path / "best" / RUN_NAME, path / RUN_NAME):
-        if candidate.is_file():
-            return json.loads(candidate.read_text()).get("task", "generate")
-    raise FileNotFoundError(f"{path / RUN_NAME}: missing; {path} is not a prefixtune run directory")
+    return locate_run(run_dir)[1].get("task", "generate")
