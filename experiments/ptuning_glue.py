@@ -1,12 +1,13 @@
-"""P-tuning v2 on a real encoder: all-MiniLM-L6-v2 on SST-2 and RTE, against a linear probe, full
+"""P-tuning v2 on a real encoder: all-MiniLM-L6-v2 on SST-2 and RTE, against linear probes, full
 fine-tuning and PEFT's prefix tuning, with the same data and steps, over several seeds.
 
-    python experiments/ptuning_glue.py [--tasks sst2,rte] [--seeds 1,2] [--out runs/glue]
+    python experiments/ptuning_glue.py [--tasks sst2,rte] [--seeds 1,2] [--out runs/glue] [--no-run]
 
 Sizes (for a 2-core CPU): SST-2 trains on 4,000 examples (seeded subset of 67,349), RTE on all 2,490;
 3 epochs each, batch 32 (SST-2) / 16 (RTE), inputs cut at 128 tokens; accuracy on the full dev sets
-(872 / 277). Each run's result is kept under --out/<task>/<system>-s<seed>/result.json and reused, so the
-script resumes. The table goes to docs/ptuning_glue.md.
+(872 / 277). P-tuning v2's settings (CANDIDATES) are chosen by accuracy on 1,000 held-out SST-2 training
+examples, never on dev. Each run's result is kept under --out/<task>/<system>-s<seed>/result.json and
+reused, so the script resumes. The table goes to docs/ptuning_glue.md.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -25,61 +27,116 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from prefixtune import PrefixConfig  # noqa: E402
+from prefixtune import PrefixConfig, classify  # noqa: E402
 from prefixtune.classify import classification_metrics, collate_classes, encode_examples, predict  # noqa: E402
 from prefixtune.data import shuffled_subset  # noqa: E402
 from prefixtune.fileio import atomic_write_text  # noqa: E402
-from prefixtune.pipeline import ClassifySpec, load_classifier_base, train_classifier_run  # noqa: E402
+from prefixtune.pipeline import (  # noqa: E402
+    ClassifySpec,
+    load_classifier_base,
+    load_trained_classifier,
+    train_classifier_run,
+)
 from prefixtune.train import TrainConfig, fit  # noqa: E402
 
 MODEL = "minilm-l6"
 SIZES = {"sst2": {"train_limit": 4000, "batch": 32}, "rte": {"train_limit": None, "batch": 16}}
+VAL_SIZE = 1000  # SST-2 training examples outside the run's subset, for choosing settings (never dev)
+POOLER_HEAD = ("bert.pooler", "classifier")  # BERT's dense+tanh pooler trained as part of the head
+
+
+@dataclass(frozen=True)
+class System:
+    label: str
+    kind: str  # "ptuning" (prefix + head, or head only with P = 0) | "finetune" | "peft"
+    lr: float
+    prefix_length: int = 16
+    init_std: float = 0.02
+    head: tuple[str, ...] | None = None  # None: the library's default head for the architecture
+
+
 SYSTEMS = {
-    # name: (label, learning rate)
-    "ptuning-v2": ("P-tuning v2 (prefix P=16 at every layer + head), prefix init N(0, 0.02)", 1e-2),
-    "ptuning-v2-init1": ("P-tuning v2, prefix init N(0, 1) (as PEFT and the P-tuning v2 code)", 1e-2),
-    "head-only": ("linear probe (head only, frozen encoder)", 1e-2),
-    "finetune": ("full fine-tuning", 5e-5),
-    "peft-prefix": ("PEFT prefix tuning (P=16, SEQ_CLS)", 1e-2),
+    "ptuning-v2": System("P-tuning v2 (P=16 at every layer + classifier), init N(0, 0.02)", "ptuning", 1e-2),
+    "ptuning-v2-init1": System("P-tuning v2, init N(0, 1) (as PEFT and the P-tuning v2 code)", "ptuning", 1e-2,
+                               init_std=1.0),
+    "ptuning-v2-init1-lr3e-2": System("P-tuning v2, init N(0, 1), lr 3e-2", "ptuning", 3e-2, init_std=1.0),
+    "ptuning-v2-init1-P64": System("P-tuning v2, init N(0, 1), P=64", "ptuning", 1e-2, prefix_length=64,
+                                   init_std=1.0),
+    "ptuning-v2-pooler": System("P-tuning v2, init N(0, 1), head = BERT pooler + classifier", "ptuning", 1e-2,
+                                init_std=1.0, head=POOLER_HEAD),
+    "ptuning-v2-init1-lr1e-1": System("P-tuning v2, init N(0, 1), lr 1e-1", "ptuning", 1e-1, init_std=1.0),
+    "ptuning-v2-pooler-lr3e-2": System("P-tuning v2, init N(0, 1), lr 3e-2, head = BERT pooler + classifier",
+                                       "ptuning", 3e-2, init_std=1.0, head=POOLER_HEAD),
+    "head-only": System("linear probe (classifier only, frozen encoder)", "ptuning", 1e-2, prefix_length=0),
+    "head-pooler": System("probe: BERT pooler + classifier, frozen encoder", "ptuning", 1e-2, prefix_length=0,
+                          head=POOLER_HEAD),
+    "finetune": System("full fine-tuning", "finetune", 5e-5),
+    "peft-prefix": System("PEFT prefix tuning (P=16, SEQ_CLS)", "peft", 1e-2),
 }
+# P-tuning v2's settings are chosen among these by SST-2 validation accuracy (seed 1); the rest are baselines.
+CANDIDATES = ["ptuning-v2", "ptuning-v2-init1", "ptuning-v2-init1-lr3e-2", "ptuning-v2-init1-P64",
+              "ptuning-v2-pooler", "ptuning-v2-init1-lr1e-1", "ptuning-v2-pooler-lr3e-2"]
+BASELINES = ["head-only", "head-pooler", "finetune", "peft-prefix"]
 
 
-def run(task: str, system: str, seed: int, out: Path, epochs: float) -> dict:
-    size = SIZES[task]
+def validation_examples(task: str, train_subset: list) -> list | None:
+    """SST-2: VAL_SIZE training examples outside ``train_subset`` (fixed order); RTE: none (all train is used)."""
+    if task != "sst2":
+        return None
+    examples, _ = ClassifySpec(data=task).load("train")
+    used = {e.where for e in train_subset}
+    return [e for e in shuffled_subset(examples, len(examples), 10_000) if e.where not in used][:VAL_SIZE]
+
+
+def run(task: str, name: str, seed: int, out: Path, epochs: float) -> dict:
+    size, system = SIZES[task], SYSTEMS[name]
     spec = ClassifySpec(data=task, train_limit=size["train_limit"], max_length=128)
-    lr = SYSTEMS[system][1]
-    train = TrainConfig(epochs=epochs, batch_size=size["batch"], lr=lr, warmup_steps=20, seed=seed, log_every=20,
-                        checkpoint_every=10_000)
+    train = TrainConfig(epochs=epochs, batch_size=size["batch"], lr=system.lr, warmup_steps=20, seed=seed,
+                        log_every=20, checkpoint_every=10_000)
     t0 = time.perf_counter()
-    if system in ("ptuning-v2", "ptuning-v2-init1", "head-only"):
-        prefix = PrefixConfig(prefix_length=0 if system == "head-only" else 16, reparam=False,
-                              init_std=1.0 if system == "ptuning-v2-init1" else 0.02)
-        summary = train_classifier_run(out, MODEL, spec, prefix, train, resume=True, progress=False)
-        return {"dev": summary["dev"], "trainable_parameters": summary["trainable_parameters"],
-                "wall_s": round(time.perf_counter() - t0, 1), "lr": lr}
     examples, labels = spec.load("train")
     if spec.train_limit:
         examples = shuffled_subset(examples, spec.train_limit, seed)
-    dev_examples, _ = spec.load("dev", labels)
-    torch.manual_seed(seed)
-    model, tokenizer = load_classifier_base(MODEL, len(labels))
-    if system == "peft-prefix":
-        import peft
+    val = validation_examples(task, examples)
+    if system.kind == "ptuning":
+        prefix = PrefixConfig(prefix_length=system.prefix_length, reparam=False, init_std=system.init_std)
+        saved_heads = dict(classify.HEADS)
+        if system.head:
+            classify.HEADS["bert"] = system.head
+        try:
+            summary = train_classifier_run(out, MODEL, spec, prefix, train, resume=True, progress=False)
+        finally:
+            classify.HEADS.clear()
+            classify.HEADS.update(saved_heads)
+        model, tokenizer, _ = load_trained_classifier(out)
+        result = {"dev": summary["dev"], "trainable_parameters": summary["trainable_parameters"]}
+    else:
+        dev_examples, _ = spec.load("dev", labels)
+        torch.manual_seed(seed)
+        model, tokenizer = load_classifier_base(MODEL, len(labels))
+        if system.kind == "peft":
+            import peft
 
-        model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=16))
-    prompt_before = {n: p.detach().clone() for n, p in model.named_parameters() if "prompt_encoder" in n}
-    encoded = encode_examples(tokenizer, examples, spec.max_length)
-    dev = encode_examples(tokenizer, dev_examples, spec.max_length)
-    fit(model, encoded, out, train, tokenizer.pad_token_id or 0, resume=True, progress=False,
-        collate_fn=collate_classes)
-    preds = predict(model, dev, tokenizer.pad_token_id or 0)
-    extra = {}
-    if prompt_before:  # did PEFT's prefix reach the model at all (a prefix the model ignores gets no gradient)?
-        params = dict(model.named_parameters())
-        extra["prefix_trained"] = any(not torch.equal(v, params[n]) for n, v in prompt_before.items())
-    return {"dev": classification_metrics(preds, [d.label for d in dev]), "lr": lr, **extra,
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+            model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=16))
+        prompt_before = {n: p.detach().clone() for n, p in model.named_parameters() if "prompt_encoder" in n}
+        encoded = encode_examples(tokenizer, examples, spec.max_length)
+        dev = encode_examples(tokenizer, dev_examples, spec.max_length)
+        fit(model, encoded, out, train, tokenizer.pad_token_id or 0, resume=True, progress=False,
+            collate_fn=collate_classes)
+        result = {"dev": classification_metrics(predict(model, dev, tokenizer.pad_token_id or 0),
+                                                [d.label for d in dev]),
+                  "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        if prompt_before:  # did PEFT's prefix reach the model at all (a prefix the model ignores gets no gradient)?
+            params = dict(model.named_parameters())
+            result["prefix_trained"] = any(not torch.equal(v, params[n]) for n, v in prompt_before.items())
+        for state_file in out.glob("state-*.safetensors"):  # a full model's resume state is large; done with it
+            state_file.unlink()
+    if val:
+        encoded_val = encode_examples(tokenizer, val, spec.max_length)
+        result["val"] = classification_metrics(predict(model, encoded_val, tokenizer.pad_token_id or 0),
+                                               [e.label for e in val])
+    result.update(lr=system.lr, wall_s=round(time.perf_counter() - t0, 1))
+    return result
 
 
 def encoder_parameters() -> int:
@@ -87,37 +144,80 @@ def encoder_parameters() -> int:
     return sum(p.numel() for p in model.base_model.parameters())
 
 
-def table(results: dict, seeds: list[int], epochs: float) -> str:
+def get(task: str, name: str, seed: int, root: Path, epochs: float, no_run: bool) -> dict | None:
+    """The run's result (run it unless ``no_run``); SST-2 P-tuning results get their validation accuracy."""
+    out = root / task / f"{name}-s{seed}"
+    path = out / "result.json"
+    if path.is_file():
+        result = json.loads(path.read_text())
+        if "val" not in result and "error" not in result and task == "sst2" and SYSTEMS[name].kind == "ptuning":
+            # runs made before the validation slice existed: score their saved model on it now
+            model, tokenizer, _ = load_trained_classifier(out)
+            examples, _ = ClassifySpec(data=task).load("train")
+            val = validation_examples(task, shuffled_subset(examples, SIZES[task]["train_limit"], seed))
+            preds = predict(model, encode_examples(tokenizer, val, 128), tokenizer.pad_token_id or 0)
+            result["val"] = classification_metrics(preds, [e.label for e in val])
+            atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        return result
+    if no_run:
+        return None
+    print(f"=== {task} {name} seed {seed}", flush=True)
+    try:
+        result = run(task, name, seed, out, epochs)
+    except Exception as exc:  # a baseline that cannot run is reported, not hidden
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def pct(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+
+
+def table(selection: dict, chosen: str | None, results: dict, seeds: list[int], epochs: float) -> str:
     total = encoder_parameters()
     lines = ["# P-tuning v2 on all-MiniLM-L6-v2: SST-2 and RTE", "",
              f"Frozen all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden, {total / 1e6:.1f}M parameters). SST-2: "
              f"{SIZES['sst2']['train_limit']:,} training examples (seeded subset), batch {SIZES['sst2']['batch']}; "
              f"RTE: all 2,490, batch {SIZES['rte']['batch']}; {epochs:g} epochs, AdamW, 20 warm-up steps, linear "
-             f"decay; dev accuracy (SST-2 872, RTE 277 examples), mean ± std over seeds {seeds}. 2-core CPU. "
-             "Produced by:", "", "    python experiments/ptuning_glue.py", "",
-             "| task | system | lr | trainable params | % of encoder | dev accuracy | per seed | macro F1 | MCC |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+             f"decay; accuracy on the dev sets (SST-2 872, RTE 277 examples), mean ± std over seeds {seeds}. "
+             "2-core CPU. Produced by:", "", "    python experiments/ptuning_glue.py", "",
+             "P-tuning v2's settings are chosen before any dev figure is looked at: each candidate trains on SST-2 "
+             f"with seed 1 and is scored on {VAL_SIZE:,} held-out SST-2 *training* examples (outside the run's "
+             "subset); the best validation accuracy wins and is then run with every seed, on SST-2 and on RTE "
+             "(RTE has no held-out data here, so it takes SST-2's choice).", "",
+             "## Selection (SST-2, seed 1)", "",
+             "| candidate | lr | trainable params | validation accuracy | dev accuracy |", "|---|---:|---:|---:|---:|"]
+    for name, r in selection.items():
+        mark = " **(chosen)**" if name == chosen else ""
+        lines.append(f"| {SYSTEMS[name].label}{mark} | {r['lr']:g} | {r['trainable_parameters']:,} | "
+                     f"{100 * r['val']['accuracy']:.1f} | {100 * r['dev']['accuracy']:.1f} |")
+    lines += ["", "## Results (dev)", "",
+              "| task | system | lr | trainable params | % of encoder | dev accuracy | per seed | macro F1 | MCC |",
+              "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for task, by_system in results.items():
-        for system, runs in by_system.items():
-            label = SYSTEMS[system][0]
+        for name, runs in by_system.items():
+            label = SYSTEMS[name].label + (" — chosen P-tuning v2" if name == chosen else "")
             if "error" in runs:
                 lines.append(f"| {task} | {label} | | | | fails: {runs['error']} | | | |")
                 continue
+            first = next(iter(runs.values()))
             accs = [r["dev"]["accuracy"] for r in runs.values()]
             f1 = statistics.mean(r["dev"]["macro_f1"] for r in runs.values())
             mcc = statistics.mean(r["dev"]["mcc"] for r in runs.values())
-            params = next(iter(runs.values()))["trainable_parameters"]
-            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            lines.append(f"| {task} | {label} | {next(iter(runs.values()))['lr']:g} | {params:,} | "
-                         f"{100 * params / total:.2f} | {100 * statistics.mean(accs):.1f} ± {100 * std:.1f} | "
-                         f"{', '.join(f'{100 * a:.1f}' for a in accs)} | {f1:.3f} | {mcc:.3f} |")
+            params = first["trainable_parameters"]
+            lines.append(f"| {task} | {label} | {first['lr']:g} | {params:,} | {100 * params / total:.2f} | "
+                         f"{pct(accs)} | {', '.join(f'{100 * a:.1f}' for a in accs)} | {f1:.3f} | {mcc:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="sst2,rte")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--epochs", type=float, default=3)
     ap.add_argument("--out", default="runs/glue")
@@ -125,33 +225,25 @@ def main() -> None:
     ap.add_argument("--no-run", action="store_true", help="only tabulate the runs already done")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    root = Path(args.out)
+    selection = {n: get("sst2", n, seeds[0], root, args.epochs, args.no_run) for n in CANDIDATES}
+    selection = {n: r for n, r in selection.items() if r and "error" not in r}
+    chosen = max(selection, key=lambda n: selection[n]["val"]["accuracy"]) if len(selection) == len(CANDIDATES) \
+        else None
     results: dict = {}
     for task in args.tasks.split(","):
-        for system in args.systems.split(","):
-            results.setdefault(task, {})[system] = {}
+        for name in ([chosen] if chosen else []) + args.baselines.split(","):
+            runs = {}
             for seed in seeds:
-                out = Path(args.out) / task / f"{system}-s{seed}"
-                path = out / "result.json"
-                if path.is_file():
-                    result = json.loads(path.read_text())
-                elif args.no_run:
-                    continue
-                else:
-                    print(f"=== {task} {system} seed {seed}", flush=True)
-                    try:
-                        result = run(task, system, seed, out, args.epochs)
-                    except Exception as exc:  # a baseline that cannot run is reported, not hidden
-                        traceback.print_exc()
-                        result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-                    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-                    print(json.dumps(result), flush=True)
-                if "error" in result:
-                    results[task][system] = {"error": result["error"]}
+                result = get(task, name, seed, root, args.epochs, args.no_run)
+                if result and "error" in result:
+                    runs = {"error": result["error"]}
                     break
-                results[task][system][seed] = result
-    results = {t: {s: r for s, r in by.items() if r} for t, by in results.items()}
-    results = {t: by for t, by in results.items() if by}
-    text = table(results, seeds, args.epochs)
+                if result:
+                    runs[seed] = result
+            if runs:
+                results.setdefault(task, {})[name] = runs
+    text = table(selection, chosen, results, seeds, args.epochs)
     atomic_write_text(Path(args.table), text)
     print(text)
 

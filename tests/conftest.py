@@ -119,13 +119,15 @@ def char_tokenizer():
                                    unk_token="<unk>")
 
 
-def save_tiny_model_dir(path, seed: int = 0):
-    """A tiny Llama + char tokenizer saved as a local model folder; returns its path as str."""
+def save_tiny_model_dir(path, seed: int = 0, initializer_range: float = 0.02):
+    """A tiny Llama + char tokenizer saved as a local model folder; returns its path as str.
+
+    A large ``initializer_range`` (e.g. 0.5) makes greedy outputs depend visibly on the prompt."""
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=initializer_range)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -142,6 +142,24 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
         torch.testing.assert_close(_final(b)[k], v, atol=1e-5, rtol=1e-4)
 
 
+def test_gradient_accumulation_weights_every_target_token_alike(tmp_path):
+    """With targets of different lengths, batch 4 × accum 2 still equals batch 8: the window's loss is the
+    per-token mean over all its tokens, not the mean of the micro-batches' means."""
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for i in range(8):
+        src = torch.randint(3, 96, (3,), generator=g).tolist()
+        tgt = [*torch.randint(3, 96, (1 + 3 * (i // 4),), generator=g).tolist(), 2]  # 2 tokens, then 5
+        examples.append(EncodedExample(input_ids=src + tgt, labels=[-100] * len(src) + tgt, where=f"x:{i}"))
+    a, b = _model(dropout=0.0), _model(dropout=0.0)
+    base = dict(epochs=1, lr=1e-2, seed=3, log_every=1)
+    sa = fit(a, examples, tmp_path / "a", TrainConfig(batch_size=8, grad_accum=1, **base), pad_id=0, progress=False)
+    sb = fit(b, examples, tmp_path / "b", TrainConfig(batch_size=4, grad_accum=2, **base), pad_id=0, progress=False)
+    assert sa.history[0]["loss"] == pytest.approx(sb.history[0]["loss"], rel=1e-5)
+    for k, v in _final(a).items():
+        torch.testing.assert_close(_final(b)[k], v, atol=1e-5, rtol=1e-4)
+
+
 def test_train_config_names_bad_fields():
     with pytest.raises(ValueError, match=r"batch_size=0.*lr=-1"):
         TrainConfig(batch_size=0, lr=-1)

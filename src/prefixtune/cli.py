@@ -1,4 +1,8 @@
-"""The ``prefixtune`` command line: subcommands that call the library, nothing more."""
+"""The ``prefixtune`` command line: subcommands that call the library, nothing more.
+
+``train`` and ``eval`` run unchanged under ``torchrun`` / ``accelerate launch`` (``python -m prefixtune``);
+only rank 0 prints their results.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from . import distributed
 from .config import MODES, PrefixConfig
 from .train import NonFiniteLossError, TrainConfig
 
@@ -55,7 +60,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=float, default=DEFAULTS_TRAIN.epochs)
     g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=DEFAULTS_TRAIN.batch_size)
+    g.add_argument("--batch-size", type=int, default=DEFAULTS_TRAIN.batch_size,
+                   help="examples per rank per micro-step; a step sees batch-size × ranks × grad-accum")
     g.add_argument("--grad-accum", type=int, default=DEFAULTS_TRAIN.grad_accum)
     g.add_argument("--lr", type=float, default=DEFAULTS_TRAIN.lr)
     g.add_argument("--warmup-steps", type=int, default=DEFAULTS_TRAIN.warmup_steps)
@@ -67,7 +73,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval-every", type=int, default=None, help="dev loss every N steps (keeps the best prefix)")
     g.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
                    help="stop after PATIENCE dev evaluations without improvement")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    g.add_argument("--checkpoint-every", type=int, default=DEFAULTS_TRAIN.checkpoint_every,
+                   help="write the resume state every N steps (and at every evaluation)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped "
+                   "(also on another number of ranks, with the same batch-size × ranks)")
+    g = p.add_argument_group("scaling out (under torchrun or accelerate launch)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the frozen base model's blocks over the ranks (FSDP2) instead of a whole copy each")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -138,18 +150,20 @@ def _cmd_train(a: argparse.Namespace) -> int:
                         lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
                         max_grad_norm=a.max_grad_norm, seed=a.seed, precision=a.precision,
                         gradient_checkpointing=a.gradient_checkpointing, eval_every=a.eval_every,
-                        early_stopping=a.early_stopping)
+                        early_stopping=a.early_stopping, checkpoint_every=a.checkpoint_every)
     if a.task == "classify":
         cdata = ClassifySpec(data=a.data or "sst2", split=a.split, dev_split=dev_split, train_limit=a.train_limit,
                              text_field=a.source_field, text_pair_field=a.text_pair_field, label_field=a.label_field,
                              max_length=a.max_length or 128)
-        summary = train_classifier_run(a.out, a.model or "minilm-l6", cdata, prefix, train, resume=a.resume)
+        summary = train_classifier_run(a.out, a.model or "minilm-l6", cdata, prefix, train, resume=a.resume,
+                                       fsdp=a.fsdp)
     else:
         data = DataSpec(data=a.data or "e2e", split=a.split, dev_split=dev_split, dev_limit=a.dev_limit,
                         train_limit=a.train_limit, source_field=a.source_field, target_field=a.target_field,
                         max_length=a.max_length or 256, on_too_long=a.on_too_long, separator=a.separator)
-        summary = train_run(a.out, a.model or "smollm2-135m", data, prefix, train, resume=a.resume)
-    print(json.dumps(summary, indent=2))
+        summary = train_run(a.out, a.model or "smollm2-135m", data, prefix, train, resume=a.resume, fsdp=a.fsdp)
+    if distributed.is_main():
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -163,7 +177,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             raise ValueError("--predictions FILE is required to evaluate a generation run")
         result = evaluate_run(a.run_dir, a.data, a.split or "test", a.predictions, limit=a.limit,
                               num_beams=a.beams, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
-    print(json.dumps(result, indent=2))
+    if distributed.is_main():
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -221,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("train", "eval"):
+            distributed.init_from_env()  # several ranks under torchrun / accelerate launch
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"prefixtune {args.command}: error: {exc}", file=sys.stderr)
@@ -231,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"prefixtune {args.command}: interrupted; `--resume` continues a training run", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

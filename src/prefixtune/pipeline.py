@@ -3,6 +3,10 @@
 A run directory holds ``run.json`` (everything needed to reproduce the run: data, format, model,
 prefix and training configs, seed, versions, data fingerprint), ``log.jsonl``, ``loss.png``, the
 resume state, and ``best/`` (the folded prefix, ``prefix_config.json`` + ``prefix.safetensors``).
+
+Every job runs unchanged under ``torchrun`` / ``accelerate launch``: each rank loads the model and the
+data, training is data-parallel (``train.fit``), evaluation and decoding are split over ranks and gathered
+in source order, and only rank 0 writes the run directory and the predictions.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import CONFIG_NAME, load
 from .config import PrefixConfig
 from .data import EncodedExample, Example, Format, encode_all, group_references, load_examples, shuffled_subset
@@ -71,7 +75,13 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "safetensors": safetensors.__version__}
 
 
-_RESUMABLE_CHANGES = {"max_steps", "eval_every", "early_stopping", "log_every"}
+_RESUMABLE_CHANGES = {"max_steps", "eval_every", "early_stopping", "log_every", "checkpoint_every",
+                      "batch_size"}  # batch_size: per rank; the global batch is checked instead
+
+
+def _global_batch(record: dict[str, Any]) -> int:
+    """Examples per accumulation micro-step over all ranks (runs written before ranks existed: one rank)."""
+    return record.get("distributed", {}).get("global_batch_size", record.get("train", {}).get("batch_size"))
 
 
 def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -84,6 +94,10 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], path: Path) ->
                 continue
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: saved {a.get(key)!r}, now {b.get(key)!r}")
+    if _global_batch(saved) != _global_batch(current):
+        ranks = current["distributed"]["world_size"]
+        diffs.append(f"global batch (--batch-size × ranks): saved {_global_batch(saved)}, now "
+                     f"{current['train']['batch_size']} × {ranks} = {_global_batch(current)}")
     if current["data_fingerprint"] != saved.get("data_fingerprint"):
         diffs.append("the training examples differ (data_fingerprint)")
     if diffs:
@@ -98,7 +112,7 @@ def prepare_data(tokenizer: Any, data: DataSpec, seed: int
         examples = shuffled_subset(examples, data.train_limit, seed)
     fmt = data.format
     encoded, changed = encode_all(tokenizer, examples, fmt, data.max_length, data.on_too_long)
-    if changed:
+    if changed and distributed.is_main():
         print(f"note: {changed} training example(s) {data.on_too_long} (longer than --max-length "
               f"{data.max_length})", file=sys.stderr)
     dev_encoded = None
@@ -110,20 +124,63 @@ def prepare_data(tokenizer: Any, data: DataSpec, seed: int
     return examples, encoded, dev_encoded
 
 
+def _on_main(fn: Any) -> Any:
+    """``fn()`` run by rank 0 only (it reads or writes the run directory); its result, or the error it
+    raised, on every rank, so that all ranks stop with the same message."""
+    result: Any = None
+    if distributed.is_main():
+        try:
+            result = ("ok", fn())
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+            result = ("error", exc)
+    kind, value = distributed.broadcast_object(result)
+    if kind == "error":
+        raise value
+    return value
+
+
 def _check_fresh(out: Path, resume: bool) -> None:
-    if not resume and (out / STATE_NAME).exists():
-        raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
+    def check() -> None:
+        if not resume and (out / STATE_NAME).exists():
+            raise FileExistsError(f"{out} already holds a run ({STATE_NAME}); use --resume, or another --out")
+
+    _on_main(check)
+
+
+def _distributed_record(train: TrainConfig, fsdp: bool) -> dict[str, Any]:
+    world = distributed.world_size()
+    return {"world_size": world, "global_batch_size": train.batch_size * world,
+            "effective_batch_size": train.batch_size * world * train.grad_accum, "fsdp": fsdp}
+
+
+def _place(pm: PrefixModel, record: dict[str, Any]) -> PrefixModel:
+    """Put the model on this rank's device; with FSDP, shard the frozen base model's blocks first (their
+    paths go to ``record["distributed"]["sharded_blocks"]``).
+
+    The blocks holding the weights that fingerprint the base model in saved prefixes (input embeddings,
+    the last prefixed attention layer) stay whole, so that rank 0 can save a prefix on its own.
+    """
+    if record["distributed"]["fsdp"] and distributed.world_size() > 1:
+        embeddings = pm.base.get_input_embeddings()
+        keep = [name for name, module in pm.base.named_modules() if module is embeddings]
+        sharded = distributed.shard_model(pm.base, keep_whole=[*keep, pm.spec.slots[-1][0]])
+        record["distributed"]["sharded_blocks"] = sharded
+    return pm.to(distributed.device())
 
 
 def _fit_run(out: Path, pm: PrefixModel, record: dict[str, Any], train_set: list[Any], dev: list[Any] | None,
              train: TrainConfig, pad_id: int, resume: bool, progress: bool, collate_fn: Any = None) -> Any:
     """Write (or, resuming, check) ``run.json``, train with the best prefix kept in ``best/``, plot the log."""
     run_path = out / RUN_NAME
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and run_path.is_file():
-        _check_resume(json.loads(run_path.read_text()), record, run_path)
-    else:
-        atomic_write_text(run_path, json.dumps(record, indent=2) + "\n")
+
+    def write_or_check_record() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and run_path.is_file():
+            _check_resume(json.loads(run_path.read_text()), record, run_path)
+        else:
+            atomic_write_text(run_path, json.dumps(record, indent=2) + "\n")
+
+    _on_main(write_or_check_record)
 
     def save_best(directory: Path) -> None:
         pm.save_pretrained(directory)
@@ -132,9 +189,10 @@ def _fit_run(out: Path, pm: PrefixModel, record: dict[str, Any], train_set: list
     extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
     state = fit(pm, train_set, out, train, pad_id, dev=dev, resume=resume, save_best=save_best, progress=progress,
                 **extra)
-    from .plots import plot_log
+    if distributed.is_main():
+        from .plots import plot_log
 
-    plot_log(out / LOG_NAME, out / "loss.png")
+        plot_log(out / LOG_NAME, out / "loss.png")
     return state
 
 
@@ -146,11 +204,18 @@ def train_run(
     train: TrainConfig,
     resume: bool = False,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
-    """Prefix-tune ``model_name`` on ``data``; writes the run directory and returns a summary."""
+    """Prefix-tune ``model_name`` on ``data``; writes the run directory and returns a summary.
+
+    Under ``torchrun`` every rank calls this with the same arguments (``train.batch_size`` is per rank);
+    ``fsdp=True`` shards the frozen base model's blocks over the ranks (FSDP2) instead of copying it whole.
+    """
+    distributed.init_from_env()
     out = Path(out_dir)
     _check_fresh(out, resume)
-    model, tokenizer = load_causal_lm(model_name)
+    with distributed.main_first():  # one download into a shared cache
+        model, tokenizer = load_causal_lm(model_name)
     examples, encoded, dev_encoded = prepare_data(tokenizer, data, train.seed)
     record = {
         "model": {"name": model_name},
@@ -159,11 +224,12 @@ def train_run(
         "train": dataclasses.asdict(train),
         "data_fingerprint": _fingerprint_examples(examples),
         "num_train_examples": len(encoded),
+        "distributed": _distributed_record(train, fsdp),
         "versions": _versions(),
         "argv": sys.argv,
     }
     torch.manual_seed(train.seed)
-    pm = attach(model, prefix, tokenizer)
+    pm = _place(attach(model, prefix, tokenizer), record)
     record["prefix"] = pm.config.to_dict()  # the init text may have set the length
     record["trainable_parameters"] = pm.num_trainable_parameters()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -229,17 +295,30 @@ def evaluate_run(
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Decode one output per unique source of ``split``, write them in source order, score them."""
-    pm, tokenizer, record = load_trained(run_dir)
+    """Decode one output per unique source of ``split``, write them in source order, score them.
+
+    Under ``torchrun`` each rank decodes every ``ranks``-th source; rank 0 gathers them in source order,
+    scores them and writes the files; every rank returns the metrics.
+    """
+    distributed.init_from_env()
+    with distributed.main_first():
+        pm, tokenizer, record = load_trained(run_dir)
+    pm.to(distributed.device())
     spec = DataSpec(**record["data"])
     data = data or spec.data
     sources, refs = reference_groups(data, split, limit, spec.source_field, spec.target_field)
-    preds = generate_texts(pm, tokenizer, sources, spec.format, batch_size=batch_size, num_beams=num_beams,
-                           max_new_tokens=max_new_tokens, progress=progress)
-    result = {"data": data, "split": split, "sources": len(sources), "num_beams": num_beams,
-              **metrics_for(data, preds, refs)}
-    write_outputs(predictions_path, preds, result)
-    return result
+    preds = distributed.map_in_order(
+        lambda part: generate_texts(pm, tokenizer, part, spec.format, batch_size=batch_size, num_beams=num_beams,
+                                    max_new_tokens=max_new_tokens, progress=progress and distributed.is_main()),
+        sources)
+
+    def score_and_write() -> dict[str, Any]:
+        result = {"data": data, "split": split, "sources": len(sources), "num_beams": num_beams,
+                  **metrics_for(data, preds, refs)}
+        write_outputs(predictions_path, preds, result)
+        return result
+
+    return _on_main(score_and_write)
 
 
 def demo(out_dir: str | Path, train_limit: int = 300, epochs: float = 1.0, eval_limit: int = 40,
@@ -318,35 +397,44 @@ def train_classifier_run(
     train: TrainConfig,
     resume: bool = False,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
     """P-tuning v2: train a prefix and the task head of a frozen encoder; returns a summary with dev metrics.
 
-    ``prefix.prefix_length = 0`` trains the head alone (a linear probe).
+    ``prefix.prefix_length = 0`` trains the head alone (a linear probe). Runs under ``torchrun`` as
+    ``train_run`` does.
     """
     from .classify import attach_classifier, classification_metrics, collate_classes, encode_examples, predict
 
+    distributed.init_from_env()
     out = Path(out_dir)
     _check_fresh(out, resume)
     examples, labels = data.load(data.split)
     if data.train_limit is not None:
         examples = shuffled_subset(examples, data.train_limit, train.seed)
     torch.manual_seed(train.seed)
-    model, tokenizer = load_classifier_base(model_name, len(labels))
+    with distributed.main_first():
+        model, tokenizer = load_classifier_base(model_name, len(labels))
     encoded = encode_examples(tokenizer, examples, data.max_length)
     dev = encode_examples(tokenizer, data.load(data.dev_split, labels)[0], data.max_length) if data.dev_split else None
     pm = attach_classifier(model, prefix)
     record = {"task": "classify", "model": {"name": model_name}, "data": dataclasses.asdict(data),
               "labels": list(labels), "prefix": pm.config.to_dict(), "train": dataclasses.asdict(train),
               "data_fingerprint": hashlib.sha256(repr([(e.text, e.text_pair, e.label) for e in examples]).encode())
-              .hexdigest(), "num_train_examples": len(encoded), "versions": _versions(), "argv": sys.argv,
-              "trainable_parameters": pm.num_trainable_parameters()}
+              .hexdigest(), "num_train_examples": len(encoded), "distributed": _distributed_record(train, fsdp),
+              "versions": _versions(), "argv": sys.argv, "trainable_parameters": pm.num_trainable_parameters()}
+    pm = _place(pm, record)
     pad_id = tokenizer.pad_token_id or 0
     state = _fit_run(out, pm, record, encoded, dev, train, pad_id, resume, progress, collate_classes)
     summary = {"out": str(out), "steps": state.step, "stopped": state.stopped,
                "trainable_parameters": record["trainable_parameters"]}
     if dev:
-        best, _, _ = load_trained_classifier(out)
-        summary["dev"] = classification_metrics(predict(best, dev, pad_id), [d.label for d in dev])
+        def dev_metrics() -> dict[str, float]:  # rank 0 alone reads best/ (no shared file system needed)
+            best, _, _ = load_trained_classifier(out)
+            best.to(distributed.device())
+            return classification_metrics(predict(best, dev, pad_id), [d.label for d in dev])
+
+        summary["dev"] = _on_main(dev_metrics)
     return summary
 
 
@@ -359,10 +447,15 @@ def load_trained_classifier(run_dir: str | Path) -> tuple[PrefixModel, Any, dict
 
 def evaluate_classifier_run(run_dir: str | Path, data: str | None, split: str, limit: int | None = None,
                             predictions_path: str | Path | None = None) -> dict[str, Any]:
-    """Accuracy, macro F1 and MCC of a classification run on ``split``; predictions as label names."""
+    """Accuracy, macro F1 and MCC of a classification run on ``split``; predictions as label names.
+
+    Under ``torchrun`` the examples are split over ranks; rank 0 writes the predictions."""
     from .classify import classification_metrics, encode_examples, predict
 
-    pm, tokenizer, record = load_trained_classifier(run_dir)
+    distributed.init_from_env()
+    with distributed.main_first():
+        pm, tokenizer, record = load_trained_classifier(run_dir)
+    pm.to(distributed.device())
     spec = ClassifySpec(**record["data"])
     if data:
         spec = dataclasses.replace(spec, data=data)
@@ -370,11 +463,12 @@ def evaluate_classifier_run(run_dir: str | Path, data: str | None, split: str, l
     examples, _ = spec.load(split, labels)
     examples = examples[:limit] if limit else examples
     encoded = encode_examples(tokenizer, examples, spec.max_length)
-    preds = predict(pm, encoded, tokenizer.pad_token_id or 0)
+    preds = distributed.map_in_order(lambda part: predict(pm, part, tokenizer.pad_token_id or 0), encoded)
     result = {"data": spec.data, "split": split, "examples": len(examples),
               **classification_metrics(preds, [e.label for e in examples])}
-    if predictions_path:
+    if predictions_path and distributed.is_main():
         write_outputs(predictions_path, [labels[p] for p in preds], result)
+    distributed.barrier()
     return result
 
 

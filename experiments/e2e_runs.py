@@ -1,0 +1,203 @@
+"""One E2E run of SmolLM2-135M from a frozen spec: train, decode, score, one result row. Resumable.
+
+Shared by ``quality_e2e.py`` (the low-data quality bar) and ``paper_findings.py`` (the paper's
+ablations). A run lives in ``<root>/<spec.key>/``; its ``result.json`` is written last (atomically),
+so a finished run is reused and an interrupted one resumes from its training checkpoint.
+
+Systems:
+  - ``prefixtune``: this library (any ``PrefixConfig``: length, mode, reparameterization, init);
+  - ``peft``: PEFT's ``PrefixTuningConfig`` (projection MLP when ``reparam``), trained by the same loop;
+  - ``finetune``: every weight of the model trained.
+All three see the same seeded training subset, batches, optimizer, schedule and decoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from prefixtune import PrefixConfig  # noqa: E402
+from prefixtune.data import collate  # noqa: E402
+from prefixtune.decode import generate_texts  # noqa: E402
+from prefixtune.fileio import atomic_write_text  # noqa: E402
+from prefixtune.hub import load_causal_lm  # noqa: E402
+from prefixtune.pipeline import DataSpec, load_trained, metrics_for, prepare_data, reference_groups, train_run  # noqa: E402
+from prefixtune.train import TrainConfig, fit  # noqa: E402
+
+MODEL = "smollm2-135m"
+METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+SYSTEMS = ("prefixtune", "peft", "finetune")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one run (and nothing else: equal specs share a directory)."""
+
+    system: str = "prefixtune"
+    prefix_length: int = 10
+    mode: str = "prefix"
+    reparam: bool = True
+    reparam_hidden: int = 512
+    init: str = "random"
+    init_std: float = 0.02
+    lr: float = 5e-4
+    train_limit: int = 500
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    warmup_steps: int = 10
+    seed: int = 42
+    test_limit: int = 100  # first N test MRs
+    dev_limit: int = 0  # first N dev MRs decoded and scored too (for choosing settings), 0 for none
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if self.system not in SYSTEMS:
+            raise ValueError(f"system must be one of {SYSTEMS}, got {self.system!r}")
+
+    @property
+    def key(self) -> str:
+        """A readable directory name, unique per spec."""
+        if self.system == "finetune":
+            shape = "full"
+        else:
+            shape = f"P{self.prefix_length}-{self.mode}-" + (f"mlp{self.reparam_hidden}" if self.reparam else "flat")
+        init = "rand" if self.init == "random" else "txt-" + re.sub(r"[^a-z0-9]+", "", self.init[5:].lower())[:16]
+        if self.init == "random" and self.init_std != 0.02:
+            init += f"{self.init_std:g}"
+        budget = f"n{self.train_limit}-" + (f"st{self.max_steps}" if self.max_steps else f"ep{self.epochs:g}")
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:6]
+        return f"{self.system}-{shape}-{init}-lr{self.lr:g}-{budget}-b{self.batch_size}-s{self.seed}-{digest}"
+
+    def prefix_config(self) -> PrefixConfig:
+        return PrefixConfig(prefix_length=self.prefix_length, mode=self.mode, reparam=self.reparam,
+                            reparam_hidden=self.reparam_hidden, init=self.init, init_std=self.init_std)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=self.warmup_steps, seed=self.seed, eval_every=None, log_every=5,
+                           checkpoint_every=20 if self.system != "finetune" else 10_000)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(train_limit=self.train_limit, dev_limit=100)
+
+
+def _right_pad(batch, pad_id):
+    return collate(batch, pad_id, padding_side="right")
+
+
+def _decode_and_score(model: Any, tokenizer: Any, spec: RunSpec, split: str, limit: int) -> dict[str, Any]:
+    sources, refs = reference_groups("e2e", split, limit)
+    preds = generate_texts(model, tokenizer, sources, spec.data_spec().format, batch_size=20,
+                           max_new_tokens=spec.max_new_tokens, progress=False)
+    return {"metrics": metrics_for("e2e", preds, refs), "predictions": preds}
+
+
+def _last_epoch_loss(out: Path, steps: int, per_epoch: int) -> float | None:
+    """Mean logged training loss over the last epoch's worth of steps."""
+    path = out / "log.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r and r["step"] > steps - per_epoch]
+    return sum(r["loss"] for r in rows) / len(rows) if rows else None
+
+
+def _train_other(spec: RunSpec, out: Path) -> tuple[Any, Any, int, int]:
+    """PEFT or full fine-tuning with the library's training loop; (model, tokenizer, steps, stored bytes)."""
+    model, tokenizer = load_causal_lm(MODEL)
+    _, encoded, _ = prepare_data(tokenizer, spec.data_spec(), spec.seed)
+    torch.manual_seed(spec.seed)
+    if spec.system == "peft":
+        import peft
+
+        cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.prefix_length,
+                                      prefix_projection=spec.reparam, encoder_hidden_size=spec.reparam_hidden)
+        model = peft.get_peft_model(model, cfg)
+    state = fit(model, encoded, out, spec.train_config(), tokenizer.pad_token_id, resume=True, progress=False,
+                collate_fn=_right_pad)
+    if spec.system == "peft":
+        model.save_pretrained(str(out / "adapter"))
+        stored = (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    else:
+        stored = 2 * sum(p.numel() for p in model.parameters())  # what a bf16 copy of the tuned model takes
+    return model, tokenizer, state.step, stored
+
+
+def run(spec: RunSpec, root: str | Path) -> dict[str, Any]:
+    """Train (or resume), decode and score ``spec``; returns (and saves) its result row."""
+    out = Path(root) / spec.key
+    result_path = out / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    t0 = time.perf_counter()
+    if spec.system == "prefixtune":
+        summary = train_run(out, MODEL, spec.data_spec(), spec.prefix_config(), spec.train_config(), resume=True,
+                            progress=False)
+        model, tokenizer, _ = load_trained(out)
+        steps, trainable = summary["steps"], summary["trainable_parameters"]
+        stored = (out / "best" / "prefix.safetensors").stat().st_size
+    else:
+        model, tokenizer, steps, stored = _train_other(spec, out)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_s = time.perf_counter() - t0
+    test = _decode_and_score(model, tokenizer, spec, "test", spec.test_limit)
+    dev = _decode_and_score(model, tokenizer, spec, "dev", spec.dev_limit) if spec.dev_limit else None
+    per_epoch = -(-min(spec.train_limit, 42061) // spec.batch_size)
+    result = {
+        "key": spec.key,
+        "spec": dataclasses.asdict(spec),
+        "steps": steps,
+        "train_s": round(train_s, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "train_loss_last_epoch": _last_epoch_loss(out, steps, per_epoch),
+        "trainable_parameters": trainable,
+        "stored_bytes": stored,
+        "test": test["metrics"],
+        "dev": dev["metrics"] if dev else None,
+        "example": test["predictions"][0],
+    }
+    atomic_write_text(out / "predictions-test.txt", "\n".join(test["predictions"]) + "\n")
+    atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
+    for state_file in out.glob("state-*.safetensors"):  # the resume state is dead weight once scored
+        state_file.unlink()
+    return result
+
+
+CSV_FIELDS = (["experiment", "key"] + [f.name for f in dataclasses.fields(RunSpec)]
+              + ["steps", "train_s", "wall_s", "train_loss_last_epoch", "trainable_parameters", "stored_bytes"]
+              + [f"test_{m}" for m in METRICS] + [f"dev_{m}" for m in METRICS])
+
+
+def csv_row(experiment: str, result: dict[str, Any]) -> dict[str, Any]:
+    row = {"experiment": experiment, "key": result["key"], **result["spec"]}
+    for name in ("steps", "train_s", "wall_s", "train_loss_last_epoch", "trainable_parameters", "stored_bytes"):
+        row[name] = result[name]
+    for m in METRICS:
+        row[f"test_{m}"] = round(result["test"][m], 4)
+        row[f"dev_{m}"] = round(result["dev"][m], 4) if result.get("dev") else ""
+    return row
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """All rows, one per (experiment, run), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(path), buf.getvalue())
