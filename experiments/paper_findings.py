@@ -1,7 +1,7 @@
 """The prefix-tuning paper's findings (Li & Liang, 2021) on E2E with SmolLM2-135M: one resumable runner.
 
     python experiments/paper_findings.py [--experiments lr,length,embedding,infix,reparam,init,baselines]
-                                         [--seeds 1,2] [--root runs/findings] [--no-run]
+                                         [--seeds 1,2] [--root runs/findings] [--no-run] [--worker K/N]
 
 Sizes, chosen for a 2-core CPU (a run is about 5 minutes there): every row trains for the same budget of
 75 optimizer steps of batch 8 (600 example-passes, i.e. 3 epochs of the 200-example default subset),
@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import time
 from pathlib import Path
 
 from e2e_runs import RunSpec, csv_row, run, write_csv
@@ -84,28 +86,37 @@ def main() -> None:
     ap.add_argument("--root", default="runs/findings")
     ap.add_argument("--csv", default="docs/results/paper_findings.csv")
     ap.add_argument("--no-run", action="store_true", help="only collect the runs already done into the CSV")
+    ap.add_argument("--worker", default="0/1", metavar="K/N",
+                    help="run only the runs assigned to worker K of N (start N processes to share the grid)")
     args = ap.parse_args()
+    worker, workers = (int(x) for x in args.worker.split("/"))
     root = Path(args.root)
     experiments = args.experiments.split(",")
     done: dict[str, dict] = {}
-    for path in sorted(root.glob("*/result.json")):
-        result = json.loads(path.read_text())
-        done[result["key"]] = result
+
+    def finished(spec: RunSpec) -> dict | None:
+        """The run's result if it is done (perhaps by another worker since this one started)."""
+        path = root / spec.key / "result.json"
+        if spec.key not in done and path.is_file():
+            done[spec.key] = json.loads(path.read_text())
+        return done.get(spec.key)
 
     def get(spec: RunSpec) -> dict | None:
-        with_dev = dataclasses.replace(spec, dev_limit=100)
-        if with_dev.key in done:  # the same run, decoded on dev too (the learning-rate sweep)
-            return done[with_dev.key]
-        if spec.key not in done and not args.no_run:
+        # the same run decoded on dev too (the learning-rate sweep) serves as the run without dev
+        result = finished(dataclasses.replace(spec, dev_limit=100)) or finished(spec)
+        mine = int(hashlib.sha256(spec.key.encode()).hexdigest(), 16) % workers == worker
+        if result is None and mine and not args.no_run:
             print(f"=== {spec.key}", flush=True)
-            done[spec.key] = run(spec, root)
-        return done.get(spec.key)
+            result = done[spec.key] = run(spec, root)
+        return result
 
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        if seed == 1 or "lr" in experiments:
-            for spec in specs("lr", 1, 0, None):
-                get(spec)
+        sweep = specs("lr", 1, 0, None)
+        for spec in sweep:
+            get(spec)
+        while workers > 1 and not args.no_run and not all(finished(spec) for spec in sweep):
+            time.sleep(30)  # another worker is still on its part of the sweep
         lr_mlp, lr_flat = chosen_lr(False, done), chosen_lr(True, done)
         if lr_mlp is None:
             print("the learning-rate sweep is unfinished; nothing else can run yet")
