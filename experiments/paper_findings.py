@@ -117,11 +117,13 @@ def main() -> None:
             get(spec)
         while workers > 1 and not args.no_run and not all(finished(spec) for spec in sweep):
             time.sleep(30)  # another worker is still on its part of the sweep
+        if seed == 1 and "lr" in experiments:  # the sweep's rows, also while it is unfinished
+            rows += [csv_row("lr", r) for r in (finished(spec) for spec in sweep) if r]
         lr_mlp, lr_flat = chosen_lr(False, done), chosen_lr(True, done)
         if lr_mlp is None:
             print("the learning-rate sweep is unfinished; nothing else can run yet")
             break
-        for experiment in experiments:
+        for experiment in (e for e in experiments if e != "lr"):
             for spec in specs(experiment, seed, lr_mlp, lr_flat):
                 result = get(spec)
                 if result:
