@@ -108,14 +108,17 @@ def _decode_and_score(model: Any, tokenizer: Any, spec: RunSpec, split: str, lim
     return {"metrics": metrics_for("e2e", preds, refs), "predictions": preds}
 
 
-def _last_epoch_loss(out: Path, steps: int, per_epoch: int) -> float | None:
-    """Mean logged training loss over the last epoch's worth of steps."""
+def _last_epoch_loss(out: Path) -> float | None:
+    """Mean logged training loss over the last epoch's worth of steps (by the log's own epoch counter)."""
     path = out / "log.jsonl"
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and r["step"] > steps - per_epoch]
-    return sum(r["loss"] for r in rows) / len(rows) if rows else None
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    last = [r["loss"] for r in rows if r["epoch"] > rows[-1]["epoch"] - 1]
+    return sum(last) / len(last)
 
 
 def _train_other(spec: RunSpec, out: Path) -> tuple[Any, Any, int, int]:
@@ -158,14 +161,13 @@ def run(spec: RunSpec, root: str | Path) -> dict[str, Any]:
     train_s = time.perf_counter() - t0
     test = _decode_and_score(model, tokenizer, spec, "test", spec.test_limit)
     dev = _decode_and_score(model, tokenizer, spec, "dev", spec.dev_limit) if spec.dev_limit else None
-    per_epoch = -(-min(spec.train_limit, 42061) // spec.batch_size)
     result = {
         "key": spec.key,
         "spec": dataclasses.asdict(spec),
         "steps": steps,
         "train_s": round(train_s, 1),
         "wall_s": round(time.perf_counter() - t0, 1),
-        "train_loss_last_epoch": _last_epoch_loss(out, steps, per_epoch),
+        "train_loss_last_epoch": _last_epoch_loss(out),
         "trainable_parameters": trainable,
         "stored_bytes": stored,
         "test": test["metrics"],

@@ -87,6 +87,15 @@ def validation_examples(task: str, train_subset: list) -> list | None:
     return [e for e in shuffled_subset(examples, len(examples), 10_000) if e.where not in used][:VAL_SIZE]
 
 
+def validation_metrics(model, tokenizer, task: str, train_subset: list) -> dict | None:
+    """Accuracy, F1 and MCC on ``validation_examples`` (None where the task has none)."""
+    val = validation_examples(task, train_subset)
+    if not val:
+        return None
+    preds = predict(model, encode_examples(tokenizer, val, 128), tokenizer.pad_token_id or 0)
+    return classification_metrics(preds, [e.label for e in val])
+
+
 def run(task: str, name: str, seed: int, out: Path, epochs: float) -> dict:
     size, system = SIZES[task], SYSTEMS[name]
     spec = ClassifySpec(data=task, train_limit=size["train_limit"], max_length=128)
@@ -96,7 +105,6 @@ def run(task: str, name: str, seed: int, out: Path, epochs: float) -> dict:
     examples, labels = spec.load("train")
     if spec.train_limit:
         examples = shuffled_subset(examples, spec.train_limit, seed)
-    val = validation_examples(task, examples)
     if system.kind == "ptuning":
         prefix = PrefixConfig(prefix_length=system.prefix_length, reparam=False, init_std=system.init_std)
         saved_heads = dict(classify.HEADS)
@@ -130,10 +138,9 @@ def run(task: str, name: str, seed: int, out: Path, epochs: float) -> dict:
             result["prefix_trained"] = any(not torch.equal(v, params[n]) for n, v in prompt_before.items())
         for state_file in out.glob("state-*.safetensors"):  # a full model's resume state is large; done with it
             state_file.unlink()
+    val = validation_metrics(model, tokenizer, task, examples)
     if val:
-        encoded_val = encode_examples(tokenizer, val, spec.max_length)
-        result["val"] = classification_metrics(predict(model, encoded_val, tokenizer.pad_token_id or 0),
-                                               [e.label for e in val])
+        result["val"] = val
     result.update(lr=system.lr, wall_s=round(time.perf_counter() - t0, 1))
     return result
 
@@ -153,9 +160,8 @@ def get(task: str, name: str, seed: int, root: Path, epochs: float, no_run: bool
             # runs made before the validation slice existed: score their saved model on it now
             model, tokenizer, _ = load_trained_classifier(out)
             examples, _ = ClassifySpec(data=task).load("train")
-            val = validation_examples(task, shuffled_subset(examples, SIZES[task]["train_limit"], seed))
-            preds = predict(model, encode_examples(tokenizer, val, 128), tokenizer.pad_token_id or 0)
-            result["val"] = classification_metrics(preds, [e.label for e in val])
+            result["val"] = validation_metrics(model, tokenizer, task,
+                                               shuffled_subset(examples, SIZES[task]["train_limit"], seed))
             atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         return result
     if no_run:
