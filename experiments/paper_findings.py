@@ -37,7 +37,7 @@ from e2e_runs import RunSpec, csv_row, run, write_csv
 BASE = RunSpec(prefix_length=10, reparam=True, reparam_hidden=512, train_limit=200, epochs=1000, max_steps=75,
                batch_size=8, warmup_steps=10, test_limit=100, dev_limit=0)
 LR_MLP = [5e-4, 2e-3, 5e-3]
-LR_FLAT = [5e-3, 2e-2, 5e-2]
+LR_FLAT = [5e-3, 2e-2, 5e-2, 1e-1]  # 1e-1 added once 5e-2 won: a best rate at the grid's edge is no choice
 LR_FINETUNE = 5e-5  # the rate quality_e2e.py uses for full fine-tuning of this model
 TASK_WORDS = "table-to-text:"  # 6 SmolLM2 tokens
 UNRELATED_WORDS = "elephant divide banana purple:"  # 6 tokens too, nothing to do with the task

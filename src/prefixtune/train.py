@@ -175,8 +175,8 @@ def evaluate_loss(model: nn.Module, examples: Sequence[EncodedExample], batch_si
             total += float(loss.detach()) * n
             count += n
     model.train(was_training)
-    total, count = distributed.all_reduce_sum([total, count])
-    return distributed.broadcast_object(total / max(count, 1))
+    total, count = distributed.all_reduce_sum([total, count])  # every rank receives the same sums
+    return total / max(count, 1)
 
 
 def _save_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, state: TrainerState,
