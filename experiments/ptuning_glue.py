@@ -93,9 +93,14 @@ def epochs_of(name: str, default: float) -> float:
     return SYSTEMS[name].epochs or default
 
 
+def fits(name: str, task: str, default_epochs: float) -> bool:
+    """Whether system ``name``'s epoch budget is within what ``task`` allows (SIZES' max_epochs)."""
+    return epochs_of(name, default_epochs) <= SIZES[task]["max_epochs"]
+
+
 def choose(selection: dict, task: str, default_epochs: float) -> str | None:
     """The candidate with the best SST-2 validation accuracy among those within the task's epoch budget."""
-    allowed = {n: r for n, r in selection.items() if epochs_of(n, default_epochs) <= SIZES[task]["max_epochs"]}
+    allowed = {n: r for n, r in selection.items() if fits(n, task, default_epochs)}
     return max(allowed, key=lambda n: allowed[n]["val"]["accuracy"]) if allowed else None
 
 
@@ -120,7 +125,7 @@ def validation_metrics(model, tokenizer, task: str, train_subset: list) -> dict 
 def run(task: str, name: str, seed: int, out: Path, epochs: float) -> dict:
     size, system = SIZES[task], SYSTEMS[name]
     spec = ClassifySpec(data=task, train_limit=size["train_limit"], max_length=128)
-    train = TrainConfig(epochs=system.epochs or epochs, batch_size=system.batch or size["batch"], lr=system.lr,
+    train = TrainConfig(epochs=epochs_of(name, epochs), batch_size=system.batch or size["batch"], lr=system.lr,
                         warmup_steps=20, seed=seed, log_every=20, checkpoint_every=10_000)
     t0 = time.perf_counter()
     examples, labels = spec.load("train")
@@ -265,8 +270,8 @@ def summary(chosen: dict[str, str | None], results: dict, total: int, epochs: fl
             continue
         ft = max(tuned, key=acc.__getitem__)
         seeds = min(len(done[n]) for n in [mine, *tuned])
-        missing = [SYSTEMS[n].label for n in BASELINES if SYSTEMS[n].kind == "finetune" and n not in done
-                   and (SYSTEMS[n].epochs or 0) <= SIZES[task]["max_epochs"]]
+        missing = [SYSTEMS[n].label for n in BASELINES
+                   if SYSTEMS[n].kind == "finetune" and n not in done and fits(n, task, epochs)]
         gap = 100 * (acc[ft] - acc[mine])
         params = next(iter(done[mine].values()))["trainable_parameters"]
         verdict = "within" if gap <= 1 else "not within"
@@ -305,7 +310,7 @@ def main() -> None:
         # every task's choice runs on every task that allows its budget (SST-2 shows the 3-epoch choice too)
         picks = [chosen[task]] + [c for c in chosen.values() if c != chosen[task]]
         names = list(dict.fromkeys(n for n in picks if n)) + args.baselines.split(",")
-        for name in (n for n in names if epochs_of(n, args.epochs) <= SIZES[task]["max_epochs"]):
+        for name in (n for n in names if fits(n, task, args.epochs)):
             runs = {}
             for seed in SIZES[task]["seeds"]:
                 result = get(task, name, seed, root, args.epochs, args.no_run)
