@@ -35,10 +35,10 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from prefixtune import PrefixConfig, attach  # noqa: E402
-from prefixtune.engine import Engine, EngineConfig  # noqa: E402
-from prefixtune.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
-from prefixtune.sampling import SamplingParams  # noqa: E402
-from prefixtune.server import ServerConfig, ServerThread, create_app  # noqa: E402
+from prefixtune.io.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
+from prefixtune.server.app import ServerConfig, ServerThread, create_app  # noqa: E402
+from prefixtune.serving.engine import Engine, EngineConfig  # noqa: E402
+from prefixtune.serving.sampling import SamplingParams  # noqa: E402
 
 PROMPTS = ["name : Aromi | eatType : pub | area : riverside\n", "name : The Eagle | food : French\n",
            "Translate to French: the cat sleeps.\n", "Write a haiku about rain.\n"]

@@ -29,10 +29,10 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from prefixtune import PrefixConfig, attach  # noqa: E402
-from prefixtune.decode import left_pad  # noqa: E402
-from prefixtune.engine import Engine, EngineConfig  # noqa: E402
-from prefixtune.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
-from prefixtune.sampling import SamplingParams  # noqa: E402
+from prefixtune.io.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
+from prefixtune.serving.engine import Engine, EngineConfig  # noqa: E402
+from prefixtune.serving.sampling import SamplingParams  # noqa: E402
+from prefixtune.tasks.decode import left_pad  # noqa: E402
 
 
 def main() -> None:

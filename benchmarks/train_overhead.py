@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from prefixtune import PrefixConfig, attach  # noqa: E402
-from prefixtune.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
+from prefixtune.io.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
 
 
 def make_batch(vocab: int, batch: int, seq: int) -> torch.Tensor:

@@ -32,12 +32,12 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from prefixtune import PrefixConfig  # noqa: E402
-from prefixtune.data import collate  # noqa: E402
-from prefixtune.decode import generate_texts  # noqa: E402
-from prefixtune.fileio import atomic_write_text  # noqa: E402
-from prefixtune.hub import load_causal_lm  # noqa: E402
-from prefixtune.pipeline import DataSpec, load_trained, metrics_for, prepare_data, reference_groups, train_run  # noqa: E402
-from prefixtune.train import TrainConfig, fit  # noqa: E402
+from prefixtune.files import atomic_write_text  # noqa: E402
+from prefixtune.io.hub import load_causal_lm  # noqa: E402
+from prefixtune.tasks.data import collate  # noqa: E402
+from prefixtune.tasks.decode import generate_texts  # noqa: E402
+from prefixtune.training.loop import TrainConfig, fit  # noqa: E402
+from prefixtune.training.pipeline import DataSpec, load_trained, metrics_for, prepare_data, reference_groups, train_run  # noqa: E402
 
 MODEL = "smollm2-135m"
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from prefixtune.fileio import atomic_write_text
+from prefixtune.files import atomic_write_text
 
 SPEC_FIELDS = ["system", "prefix_length", "mode", "reparam", "reparam_hidden", "init", "init_std", "lr",
                "train_limit", "epochs", "max_steps", "batch_size", "warmup_steps", "test_limit", "max_new_tokens"]

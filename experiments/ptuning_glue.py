@@ -29,16 +29,16 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from prefixtune import PrefixConfig, classify  # noqa: E402
-from prefixtune.classify import classification_metrics, collate_classes, encode_examples, predict  # noqa: E402
-from prefixtune.data import shuffled_subset  # noqa: E402
-from prefixtune.fileio import atomic_write_text  # noqa: E402
-from prefixtune.pipeline import (  # noqa: E402
+from prefixtune.files import atomic_write_text  # noqa: E402
+from prefixtune.tasks.classification import classification_metrics, collate_classes, encode_examples, predict  # noqa: E402
+from prefixtune.tasks.data import shuffled_subset  # noqa: E402
+from prefixtune.training.loop import TrainConfig, fit  # noqa: E402
+from prefixtune.training.pipeline import (  # noqa: E402
     ClassifySpec,
     load_classifier_base,
     load_trained_classifier,
     train_classifier_run,
 )
-from prefixtune.train import TrainConfig, fit  # noqa: E402
 
 MODEL = "minilm-l6"
 # max_epochs: the longest budget a system may have on the task (an RTE epoch costs ~3 SST-2 epochs on the CPU)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from e2e_runs import METRICS, RunSpec, csv_row, run, write_csv
 
-from prefixtune.fileio import atomic_write_text
+from prefixtune.files import atomic_write_text
 
 INIT_TEXT = "table-to-text: describe the restaurant:"  # 10 SmolLM2 tokens, so P = 10 as for the others
 BASE = RunSpec(prefix_length=10, reparam=True, reparam_hidden=512, train_limit=500, epochs=3, batch_size=16,

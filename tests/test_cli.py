@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_model_dir
+from tiny_models import save_tiny_model_dir
 
 from prefixtune.cli import build_parser, main
 

@@ -13,9 +13,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import distributed
-from .config import MODES, PrefixConfig
-from .train import NonFiniteLossError, TrainConfig
+from prefixtune.core.config import MODES, PrefixConfig
+from prefixtune.training import distributed
+from prefixtune.training.loop import NonFiniteLossError, TrainConfig
 
 DEFAULTS_TRAIN = TrainConfig()
 DEFAULTS_PREFIX = PrefixConfig()
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .pipeline import ClassifySpec, DataSpec, train_classifier_run, train_run
+    from prefixtune.training.pipeline import ClassifySpec, DataSpec, train_classifier_run, train_run
 
     dev_split = None if a.dev_split == "none" else a.dev_split
     prefix = PrefixConfig(prefix_length=a.prefix_length, reparam=not a.no_reparam, reparam_hidden=a.reparam_hidden,
@@ -168,7 +168,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from .pipeline import evaluate_classifier_run, evaluate_run, run_task
+    from prefixtune.training.pipeline import evaluate_classifier_run, evaluate_run, run_task
 
     if run_task(a.run_dir) == "classify":
         result = evaluate_classifier_run(a.run_dir, a.data, a.split or "dev", a.limit, a.predictions)
@@ -183,8 +183,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
-    from .metrics import read_predictions
-    from .pipeline import metrics_for, reference_groups
+    from prefixtune.tasks.metrics import read_predictions
+    from prefixtune.training.pipeline import metrics_for, reference_groups
 
     data = a.data or "e2e"
     sources, refs = reference_groups(data, a.split, a.limit, a.source_field, a.target_field)
@@ -198,8 +198,8 @@ def _cmd_score(a: argparse.Namespace) -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from .decode import generate_texts
-    from .pipeline import DataSpec, load_trained
+    from prefixtune.tasks.decode import generate_texts
+    from prefixtune.training.pipeline import DataSpec, load_trained
 
     sources = a.sources or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sources:
@@ -213,14 +213,14 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .pipeline import demo
+    from prefixtune.training.pipeline import demo
 
     demo(a.out, train_limit=a.train_limit, epochs=a.epochs, eval_limit=a.eval_limit)
     return 0
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from .server import serve
+    from prefixtune.server.app import serve
 
     serve(a.model, a.prefixes, host=a.host, port=a.port, max_batch_size=a.max_batch_size,
           max_waiting=a.max_waiting, max_tokens=a.max_tokens)

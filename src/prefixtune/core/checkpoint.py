@@ -1,0 +1,149 @@
+"""Saving and loading prefixes: safetensors + JSON, atomic writes, base-model fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prefixtune.core.config import PrefixConfig
+from prefixtune.core.prefix import PrefixEncoder, as_kv
+from prefixtune.core.spec import read_spec
+from prefixtune.files import atomic_write, atomic_write_text, sha256_file
+
+FORMAT = "prefixtune/1"
+CONFIG_NAME = "prefix_config.json"
+WEIGHTS_NAME = "prefix.safetensors"
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies a base model: architecture, shapes, and a hash of some of its weights."""
+    spec = read_spec(model)
+    emb = model.get_input_embeddings().weight
+    rows = emb[: min(64, emb.shape[0])].detach().float().cpu().contiguous()
+    # the first 2-D weight of the last prefix-carrying attention layer (not a task head, which may be new)
+    path = spec.slots[-1][0]
+    last = next(p for p in model.get_submodule(path).parameters() if p.ndim == 2)
+    tail = last[:8].detach().float().cpu().contiguous()
+    h = hashlib.sha256(rows.numpy().tobytes())
+    h.update(tail.numpy().tobytes())
+    return {
+        "architecture": spec.architecture,
+        "model_type": spec.model_type,
+        "stacks": {s.name: {"layers": s.num_layers, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim}
+                   for s in spec.stacks},
+        "hidden_size": spec.hidden_size,
+        "vocab_size": spec.vocab_size,
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def compare_fingerprints(saved: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+    """Raise ValueError listing every field where the saved base model differs from ``actual``.
+
+    Architecture names may differ (a prefix saved on ``LlamaForCausalLM`` loads on ``LlamaModel``)
+    as long as everything else agrees.
+    """
+    diffs = [
+        f"{key}: saved {saved.get(key)!r}, this model {actual.get(key)!r}"
+        for key in ("model_type", "stacks", "hidden_size", "vocab_size", "weights_sha256")
+        if saved.get(key) != actual.get(key)
+    ]
+    if diffs:
+        raise ValueError(
+            f"{where}: this prefix was trained on a different base model "
+            f"({saved.get('architecture')}); differences: " + "; ".join(diffs)
+        )
+
+
+def save_prefix(directory: str | Path, tensors: dict[str, torch.Tensor], config: PrefixConfig, *, folded: bool,
+                train_modules: tuple[str, ...], base: nn.Module) -> None:
+    """Write ``prefix.safetensors`` (``tensors``, stored as float32) and ``prefix_config.json``, atomically.
+
+    ``folded`` says whether the tensors are the computed prefix (``<stack>.table``) or the MLP's;
+    ``base`` is fingerprinted so that the prefix is refused on another base model.
+    """
+    directory = Path(directory)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    weights = directory / WEIGHTS_NAME
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    meta = {
+        "format": FORMAT,
+        "prefix_config": config.to_dict(),
+        "folded": folded,
+        "train_modules": list(train_modules),
+        "base_model": fingerprint(base),
+        "weights_sha256": sha256_file(weights),
+    }
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The saved JSON, checked for format and for matching the weights file beside it."""
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: no prefix config here (is {directory} a prefixtune save?)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (the config beside it names weights that are not there)")
+    digest = sha256_file(weights)
+    if digest != meta.get("weights_sha256"):
+        raise ValueError(f"{weights}: sha256 {digest[:12]}… does not match {cfg_path} field 'weights_sha256'")
+    return meta
+
+
+def read_prefix(directory: Path, model: nn.Module) -> tuple[PrefixConfig, dict[str, torch.Tensor], list[str]]:
+    """The checked config, tensors (on the model's device) and trained module names saved in ``directory``."""
+    meta = read_meta(directory)
+    compare_fingerprints(meta["base_model"], fingerprint(model), str(directory / CONFIG_NAME))
+    config = PrefixConfig.from_dict(meta["prefix_config"], source=f"{directory / CONFIG_NAME}: prefix_config")
+    if meta["folded"]:
+        config = config.replace(reparam=False)
+    device = next(model.parameters()).device
+    tensors = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+    return config.replace(init="random"), tensors, list(meta.get("train_modules", []))
+
+
+def check_keys(directory: Path, tensors: dict[str, torch.Tensor], expected: set[str]) -> None:
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME}: tensors {sorted(tensors)} do not match this prefix's {sorted(expected)}"
+        )
+
+
+@torch.no_grad()
+def load_prefix_kv(directory: str | Path, model: nn.Module) -> torch.Tensor:
+    """The decoder keys/values of the prefix saved in ``directory``, without attaching it to ``model``.
+
+    Returns (P, layers, 2, kv_heads, head_dim) in the model's dtype (what ``PrefixBatch.kv["decoder"]``
+    holds for one row). Decoder-only models and ``mode="prefix"`` only: an embedding-only prefix needs
+    the model to compute its K/V (``load(...).prefix_batch()``), and an infix does not sit in front.
+    """
+    directory = Path(directory)
+    config, tensors, _ = read_prefix(directory, model)
+    spec = read_spec(model)
+    if spec.kind != "causal" or config.mode != "prefix":
+        raise ValueError(f"{directory / CONFIG_NAME}: only mode 'prefix' on a decoder-only model can be read as "
+                         f"K/V directly; this is mode {config.mode!r} on {spec.architecture}")
+    with torch.random.fork_rng(devices=[]):  # the encoder's random init must not move the global RNG
+        encoder = PrefixEncoder(config, spec)
+    check_keys(directory, tensors, {f"{name}.{key}" for name, sp in encoder.stacks.items()
+                                     for key in sp.state_dict()})
+    encoder.stacks.load_state_dict(tensors)
+    encoder.to(tensors[next(iter(tensors))].device).eval()
+    flat = encoder()["decoder"]
+    param = next(model.parameters())
+    return as_kv(flat, spec, "decoder")[0].to(dtype=param.dtype)

@@ -1,0 +1,280 @@
+"""The multi-prefix engine: every request in a mixed, continuously batched run gives exactly what it
+gives alone through ``PrefixModel.generate`` (greedy), and the same sampled tokens for the same seed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny
+
+from prefixtune import PrefixConfig, attach, load
+from prefixtune.serving.engine import Engine, EngineConfig, QueueFullError, UnknownPrefixError
+from prefixtune.serving.sampling import SamplingParams, make_generator, sample_row
+
+PREFIX_LENGTHS = {"short": 2, "long": 6, "mid": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose much when other processes hold the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(name: str, seed: int) -> torch.nn.Module:
+    """A tiny random model with large weights, so that greedy outputs vary from token to token."""
+    model = tiny(name, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3, generator=g)
+    return model
+
+
+def _randomize(pm, g: torch.Generator) -> None:
+    with torch.no_grad():
+        for sp in pm.prefix.stacks.values():
+            sp.table.copy_(torch.randn(sp.table.shape, generator=g))
+
+
+def _workload(seed: int) -> list[tuple[list[int], str | None, int]]:
+    """(prompt, prefix name, max_new_tokens): several prefixes, no prefix, different prompt lengths."""
+    g = torch.Generator().manual_seed(100 + seed)
+    names = ["short", None, "long", "mid", "short", None, "long", "mid", "long"]
+    lengths = [3, 7, 5, 1, 6, 4, 8, 2, 5]
+    news = [6, 9, 4, 7, 5, 8, 3, 10, 1]
+    return [(torch.randint(3, VOCAB, (n,), generator=g).tolist(), name, new)
+            for n, name, new in zip(lengths, names, news, strict=True)]
+
+
+def _prefixes_and_references(name: str, seed: int):
+    """The model, three prefixes as K/V, the workload, and each request's output alone through
+    PrefixModel.generate (greedy; the base model's generate for requests without a prefix)."""
+    model = _model(name, seed)
+    collector = Engine(model)
+    work = _workload(seed)
+    expected: list[list[int]] = [[] for _ in work]
+    g = torch.Generator().manual_seed(seed)
+    for prefix, length in [*PREFIX_LENGTHS.items(), (None, 0)]:
+        pm = attach(model, PrefixConfig(prefix_length=length, reparam=False))
+        if prefix is not None:
+            _randomize(pm, g)
+            assert collector.add_prefix(prefix, pm) == length
+        for i, (prompt, wanted, new) in enumerate(work):
+            if wanted == prefix:
+                out = pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
+                expected[i] = out[0, len(prompt):].tolist()
+        pm.detach()
+    model.requires_grad_(False)
+    return model, dict(collector._prefixes), work, expected
+
+
+def _engine(model, prefixes, config: EngineConfig | None = None) -> Engine:
+    engine = Engine(model, config)
+    for name, kv in prefixes.items():
+        engine.add_prefix(name, kv)
+    return engine
+
+
+@pytest.mark.parametrize(("name", "seed"), [("llama", 0), ("llama", 1), ("llama", 2), ("qwen3", 0), ("gpt2", 0)])
+def test_mixed_batch_equals_each_request_alone(name, seed):
+    """One prefill of everything, then continuous batching (3 rows, joining 2 at a time)."""
+    model, prefixes, work, expected = _prefixes_and_references(name, seed)
+    for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2)):
+        engine = _engine(model, prefixes, config)
+        got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
+                              [w[1] for w in work])
+        assert got == expected, config
+        assert engine.stats().running == 0 and engine._cache is None
+
+
+def test_requests_joining_mid_flight_and_alone_agree():
+    model, prefixes, work, expected = _prefixes_and_references("llama", 3)
+    engine = _engine(model, prefixes, EngineConfig(max_batch_size=4, max_prefill_batch=1))
+    gens = []
+    for prompt, prefix, new in work:  # one new request before every step: the batch changes each step
+        gens.append(engine.submit(prompt, SamplingParams(max_new_tokens=new), prefix))
+        engine.step()
+    while engine.step():
+        pass
+    assert [g.tokens for g in gens] == expected
+    assert all(g.finish_reason in ("length", "stop") for g in gens)
+    for (prompt, prefix, new), want in zip(work, expected, strict=True):  # and each alone in the engine
+        assert engine.generate([prompt], SamplingParams(max_new_tokens=new), [prefix]) == [want]
+
+
+def test_prefixes_loaded_from_saved_folders_match_load_generate(tmp_path):
+    model = _model("llama", 0)
+    g = torch.Generator().manual_seed(0)
+    for i, (length, fold) in enumerate([(4, False), (2, True)]):  # the MLP kept, and folded
+        pm = attach(model, PrefixConfig(prefix_length=length, reparam=True, reparam_hidden=16))
+        with torch.no_grad():
+            for p in pm.prefix.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        pm.save_pretrained(tmp_path / f"p{i}", fold=fold)
+        pm.detach()
+    model.requires_grad_(False)
+    engine = Engine(model)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    for i in range(2):
+        assert engine.add_prefix(f"p{i}", tmp_path / f"p{i}") == [4, 2][i]
+    got = engine.generate(prompts * 2, SamplingParams(max_new_tokens=6), ["p0", "p0", "p1", "p1"])
+    for i in range(2):
+        pm = load(tmp_path / f"p{i}", model)
+        for j, prompt in enumerate(prompts):
+            ref = pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+            assert got[2 * i + j] == ref[0, len(prompt):].tolist()
+        pm.detach()
+
+
+def _reference_sample(forward, prompt: list[int], params: SamplingParams) -> list[int]:
+    """Full recomputation (no cache) through ``forward`` and the request's own generator."""
+    generator = make_generator(params, torch.device("cpu"))
+    seq = list(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(params.max_new_tokens):
+            logits = forward(input_ids=torch.tensor([seq])).logits
+            token = sample_row(logits[0, -1].float(), params, generator)
+            out.append(token)
+            seq.append(token)
+            if token == 2:
+                break
+    return out
+
+
+def test_sampled_tokens_depend_only_on_the_seed():
+    model = _model("llama", 4)
+    engine = Engine(model, EngineConfig(max_batch_size=3, max_prefill_batch=2))
+    g = torch.Generator().manual_seed(4)
+    pm = attach(model, PrefixConfig(prefix_length=3, reparam=False))
+    _randomize(pm, g)
+    engine.add_prefix("p", pm)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    params = [SamplingParams(max_new_tokens=8, temperature=t, top_p=p, seed=s)
+              for t, p, s in [(0.8, 0.9, 1), (1.0, 1.0, 2), (1.3, 0.5, 3)]]
+    names = ["p", None, "p"]
+    alone = [engine.generate([pr], sp, [n])[0] for pr, sp, n in zip(prompts, params, names, strict=True)]
+    mixed = engine.generate(prompts * 2, params * 2, [*names, "p", "p", None])
+    assert mixed[:3] == alone and mixed[3] == alone[0]  # the same request twice in one batch, too
+    for prompt, sp, name, want in zip(prompts, params, names, alone, strict=True):
+        assert _reference_sample(pm if name == "p" else model, prompt, sp) == want
+    reseeded = engine.generate(prompts, [SamplingParams(max_new_tokens=8, temperature=1.0, seed=99)] * 3, names)
+    assert reseeded != alone
+    greedy_any_seed = engine.generate([prompts[0]] * 2, [SamplingParams(max_new_tokens=8, seed=s) for s in (1, 2)],
+                                      ["p", "p"])
+    assert greedy_any_seed[0] == greedy_any_seed[1]
+    pm.detach()
+
+
+def test_stop_tokens_eos_and_ignore_eos():
+    model = _model("llama", 0)
+    engine = Engine(model, eos_token_ids=[])
+    free = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8))[0]
+    stop = free[3]
+    gen = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=8, stop_token_ids=(stop,)))
+    while engine.step():
+        pass
+    assert gen.tokens == free[: free.index(stop) + 1] and gen.finish_reason == "stop"
+    eos_engine = Engine(model, eos_token_ids=[stop])
+    assert eos_engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8))[0] == gen.tokens
+    assert eos_engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0] == free
+
+
+def test_queue_bound_cancel_and_stats():
+    engine = Engine(_model("llama", 0), EngineConfig(max_batch_size=1, max_waiting=2))
+    a = engine.submit([5, 6], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    b = engine.submit([7, 8], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    with pytest.raises(QueueFullError, match="max_waiting=2"):
+        engine.submit([9], SamplingParams(max_new_tokens=3))
+    engine.step()
+    engine.step()
+    assert engine.stats().running == 1 and engine.stats().waiting == 1
+    a.cancel()
+    while engine.step():
+        pass
+    assert a.finish_reason == "cancelled" and len(a.tokens) == 3  # prefill + 2 decodes
+    assert b.finish_reason == "length" and len(b.tokens) == 3
+    stats = engine.stats()
+    assert stats.counters["requests_rejected"] == 1 and stats.counters["requests_cancelled"] == 1
+    assert stats.counters["generated_tokens"] == 6 and (stats.waiting, stats.running) == (0, 0)
+
+
+def test_background_thread_serves_concurrent_submitters():
+    model = _model("llama", 1)
+    engine = Engine(model, EngineConfig(max_batch_size=4))
+    prompts = [[5 + i, 6, 7 + i] for i in range(6)]
+    expected = engine.generate(prompts, SamplingParams(max_new_tokens=5))
+    engine.start()
+    try:
+        results: dict[int, list[int]] = {}
+
+        def client(i: int) -> None:
+            results[i] = engine.submit(prompts[i], SamplingParams(max_new_tokens=5)).wait(timeout=30)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert [results[i] for i in range(6)] == expected
+    finally:
+        engine.stop()
+    late = engine.submit([5], SamplingParams(max_new_tokens=2))
+    engine.stop()
+    assert late.finish_reason == "cancelled"
+
+
+def test_errors_name_the_request_and_field():
+    engine = Engine(_model("llama", 0), EngineConfig(max_context=20))
+    with pytest.raises(UnknownPrefixError, match=r"request r1: unknown prefix 'nope'"):
+        engine.submit([5], prefix="nope", request_id="r1")
+    with pytest.raises(ValueError, match=r"request r2: prompt_ids\[1\] = 1000 is outside the vocabulary"):
+        engine.submit([5, 1000], request_id="r2")
+    with pytest.raises(ValueError, match=r"request r3: prompt_ids is empty"):
+        engine.submit([], request_id="r3")
+    with pytest.raises(ValueError, match=r"request r4: .*max_new_tokens \(16\) = 26 exceeds the context of 20"):
+        engine.submit(list(range(5, 15)), SamplingParams(max_new_tokens=16), request_id="r4")
+    with pytest.raises(ValueError, match=r"expected \(P, \*\(3, 2, 2, 8\)\)"):
+        engine.add_prefix("bad", torch.zeros(4, 3, 2, 2, 9))
+    with pytest.raises(UnknownPrefixError):
+        engine.remove_prefix("bad")
+    for field, kwargs in [("max_new_tokens", {"max_new_tokens": 0}), ("temperature", {"temperature": -1.0}),
+                          ("top_p", {"top_p": 0.0}), ("seed", {"seed": -3}), ("stop_token_ids",
+                                                                              {"stop_token_ids": [2]})]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        EngineConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="decoder-only"):
+        Engine(tiny("t5"))
+
+
+def test_cache_surgery_pads_on_the_left_merges_and_keeps_rows():
+    from prefixtune.core.cache import cache_from_prefixes, cache_length, keep_cache_rows, merge_caches
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 2, 2, 4, generator=g), torch.randn(4, 3, 2, 2, 4, generator=g)  # P=2 and P=4
+    cache, mask = cache_from_prefixes([a, None, b], torch.device("cpu"), torch.float32)
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]]
+    layer = cache.layers[1]
+    assert layer.keys.shape == (3, 2, 4, 4)
+    assert torch.equal(layer.keys[0, :, 2:], a[:, 1, 0].transpose(0, 1))  # (kv_heads, P, head_dim)
+    assert torch.equal(layer.values[2], b[:, 1, 1].transpose(0, 1))
+    assert not layer.keys[1].any()
+    other, _ = cache_from_prefixes([torch.randn(6, 3, 2, 2, 4, generator=g)], torch.device("cpu"), torch.float32)
+    merged = merge_caches(cache, other)
+    assert cache_length(merged) == 6 and merged.layers[0].keys.shape == (4, 2, 6, 4)
+    assert torch.equal(merged.layers[1].keys[0, :, 4:], a[:, 1, 0].transpose(0, 1))  # two more zero columns
+    assert not merged.layers[1].keys[0, :, :4].any()
+    keep_cache_rows(merged, torch.tensor([2, 3]), drop_left=2)
+    assert merged.layers[2].keys.shape == (2, 2, 4, 4)
+    assert torch.equal(merged.layers[1].values[0], b[:, 1, 1].transpose(0, 1))
+    empty, none_mask = cache_from_prefixes([None, None], torch.device("cpu"), torch.float32)
+    assert cache_length(empty) == 0 and none_mask.shape == (2, 0)
