@@ -48,7 +48,7 @@ def test_save_load_roundtrip_is_bit_identical(tmp_path, name, fold):
         assert torch.equal(load(again, tiny(name))(**_inputs(name)).logits, out)
     else:
         assert torch.equal(out, ref)
-        assert loaded.config.reparam
+        assert loaded.prefix_config.reparam
 
 
 def test_wrong_base_model_is_refused(tmp_path):

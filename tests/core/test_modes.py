@@ -30,7 +30,7 @@ def test_init_from_words_equals_the_words_in_front(name, reparam):
     x = _ids(1, 5)
     ref = model(input_ids=torch.cat([words, x], dim=1)).logits[:, words.shape[1]:]
     pm = attach(model, PrefixConfig(init="text:table:", reparam=reparam, reparam_hidden=64), CharTokenizer())
-    assert pm.config.prefix_length == words.shape[1]
+    assert pm.prefix_config.prefix_length == words.shape[1]
     torch.testing.assert_close(pm(input_ids=x).logits, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -38,7 +38,7 @@ def test_init_from_words_equals_the_words_in_front(name, reparam):
 def test_init_from_words_on_seq2seq_fills_all_three_stacks(name):
     model = tiny(name)
     pm = attach(model, PrefixConfig(init="text:summarize", reparam=False), CharTokenizer())
-    assert pm.config.prefix_length == len("summarize")
+    assert pm.prefix_config.prefix_length == len("summarize")
     assert set(pm.prefix.stacks) == {"encoder", "decoder", "cross"}
     for sp in pm.prefix.stacks.values():
         assert sp.table.abs().sum() > 0

@@ -36,11 +36,13 @@ class PrefixModel(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
-    def config(self) -> PrefixConfig:
+    def prefix_config(self) -> PrefixConfig:
+        """How this prefix is shaped and trained."""
         return self.prefix.config
 
     @property
-    def base_config(self) -> Any:
+    def config(self) -> Any:
+        """The base model's ``transformers`` config (what Hugging Face tools read from a model)."""
         return self.base.config
 
     @property
@@ -57,22 +59,22 @@ class PrefixModel(nn.Module):
         infix_start: (B,) base position of each row's first token that sees the infix
         (infix mode only).
         """
-        if not self.enabled or self.config.prefix_length == 0:
+        if not self.enabled or self.prefix_config.prefix_length == 0:
             return None
-        p = self.config.prefix_length
+        p = self.prefix_config.prefix_length
         outputs = self.prefix()
-        if self.config.mode == "embedding-only":
+        if self.prefix_config.mode == "embedding-only":
             virtual = outputs["embedding"][None].to(self.base.dtype)  # (1, P, hidden)
             collected = self.injection.collect_kv(inputs_embeds=virtual)  # decoder-only (attach checks)
             kv = {}
-            for stack in enabled_stacks(self.config, self.spec):
+            for stack in enabled_stacks(self.prefix_config, self.spec):
                 layers = self.spec.stack(stack).num_layers
                 flat = flatten_kv([collected[(stack, layer)] for layer in range(layers)])
                 kv[stack] = as_kv(flat, self.spec, stack)
         else:
             kv = {name: as_kv(flat, self.spec, name) for name, flat in outputs.items()}
         lengths = torch.tensor([p], device=self.device) if self.spec.shift_positions else None
-        if self.config.mode == "infix":
+        if self.prefix_config.mode == "infix":
             if infix_start is None:
                 raise ValueError("infix mode needs infix_start (or labels) to know where the target starts")
             return PrefixBatch(kv=kv, lengths=lengths, infix_start=infix_start)
@@ -83,9 +85,9 @@ class PrefixModel(nn.Module):
         """One row's decoder keys/values, (P, layers, 2, kv_heads, head_dim), as a KV cache of P past
         tokens would hold them (no dropout); None when disabled or of length 0. Decoder-only models,
         prefix and embedding-only modes (what the serving engine takes)."""
-        if self.spec.kind != "causal" or self.config.mode == "infix":
+        if self.spec.kind != "causal" or self.prefix_config.mode == "infix":
             raise ValueError(f"only prefixes in front of a decoder-only model are K/V of past tokens; this is "
-                             f"mode {self.config.mode!r} on {self.spec.architecture}")
+                             f"mode {self.prefix_config.mode!r} on {self.spec.architecture}")
         was_training = self.prefix.training  # only the prefix: self.train() would also switch the base model
         self.prefix.eval()
         try:
@@ -113,7 +115,7 @@ class PrefixModel(nn.Module):
         **kwargs: Any,
     ) -> Any:
         """Same as the base model's forward; input_ids / attention_mask / labels are (B, T)."""
-        if self.config.mode == "infix" and infix_start is None and labels is not None:
+        if self.prefix_config.mode == "infix" and infix_start is None and labels is not None:
             infix_start = infix_start_from_labels(labels, attention_mask)
         batch = self.prefix_batch(infix_start)
         with self.injection.active(batch):
@@ -126,7 +128,7 @@ class PrefixModel(nn.Module):
         Decoder-only batches should be left-padded; positions are taken from the attention mask.
         """
         infix_start = None
-        if self.config.mode == "infix":
+        if self.prefix_config.mode == "infix":
             mask = kwargs.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(input_ids)
@@ -174,7 +176,7 @@ class PrefixModel(nn.Module):
             tensors.update(self.module_state_dict())
         else:
             tensors = self.trainable_state_dict()
-        save_prefix(directory, tensors, self.config, folded=fold or self.prefix.folded,
+        save_prefix(directory, tensors, self.prefix_config, folded=fold or self.prefix.folded,
                     train_modules=self.train_modules, base=self.base)
 
     def detach(self) -> nn.Module:

@@ -26,10 +26,10 @@ PEFT_KEY = "prompt_embeddings"
 
 def export_peft(model: PrefixModel, directory: str | Path, base_model_name_or_path: str | None = None) -> None:
     """Write ``model``'s prefix as a PEFT prefix-tuning adapter (causal LMs, mode 'prefix')."""
-    if model.spec.kind != "causal" or model.config.mode != "prefix":
+    if model.spec.kind != "causal" or model.prefix_config.mode != "prefix":
         raise ValueError(
             f"PEFT export supports decoder-only models in mode 'prefix'; this is {model.spec.architecture} "
-            f"in mode {model.config.mode!r}"
+            f"in mode {model.prefix_config.mode!r}"
         )
     stack = model.spec.stack("decoder")
     with torch.no_grad():

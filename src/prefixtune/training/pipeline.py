@@ -240,7 +240,7 @@ def train_run(
     }
     torch.manual_seed(train.seed)
     pm = _place(attach(model, prefix, tokenizer), record)
-    record["prefix"] = pm.config.to_dict()  # the init text may have set the length
+    record["prefix"] = pm.prefix_config.to_dict()  # the init text may have set the length
     record["trainable_parameters"] = pm.num_trainable_parameters()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     state = _fit_run(out, pm, record, encoded, dev_encoded, train, pad_id, resume, progress)
@@ -435,7 +435,7 @@ def train_classifier_run(
     dev = encode_examples(tokenizer, data.load(data.dev_split, labels)[0], data.max_length) if data.dev_split else None
     pm = attach_classifier(model, prefix)
     record = {"task": "classify", "model": {"name": model_name}, "data": dataclasses.asdict(data),
-              "labels": list(labels), "prefix": pm.config.to_dict(), "train": dataclasses.asdict(train),
+              "labels": list(labels), "prefix": pm.prefix_config.to_dict(), "train": dataclasses.asdict(train),
               "data_fingerprint": hashlib.sha256(repr([(e.text, e.text_pair, e.label) for e in examples]).encode())
               .hexdigest(), "num_train_examples": len(encoded), "distributed": _distributed_record(train, fsdp),
               "versions": _versions(), "argv": sys.argv, "trainable_parameters": pm.num_trainable_parameters()}
