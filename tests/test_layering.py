@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prefixtune"
 # layer -> the layers of ours it may import (besides itself). Leaves first.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "files": set(),
+    "files": {"errors"},
     "core": {"errors", "files"},
     "io": {"core", "errors", "files"},
     "tasks": {"core", "io", "errors", "files"},
@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"core", "serving"},
     "__main__": {"cli"},
     "cli": {"core", "io", "tasks", "training", "serving", "server", "errors", "files"},
+    "integrations": {"core", "io", "errors", "files"},
 }
 # Third-party packages each layer may import: the base install (torch, transformers, safetensors) carries
 # core, io and serving; the extras carry the rest ([train]: tasks and training; [serve]: the server).
@@ -38,6 +39,7 @@ THIRD_PARTY: dict[str, set[str]] = {
     "training": BASE | {"tqdm", "matplotlib"},
     "server": BASE | {"fastapi", "starlette", "pydantic", "uvicorn"},
     "cli": BASE | {"yaml"},
+    "integrations": BASE | {"trl", "lm_eval", "accelerate", "datasets"},
 }
 # The only modules that reach into transformers' submodules (internals); the rest use its public top level.
 TRANSFORMERS_INTERNALS = {"core/inject.py", "core/cache.py"}

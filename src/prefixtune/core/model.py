@@ -12,6 +12,7 @@ from torch import nn
 
 from prefixtune.core.checkpoint import WEIGHTS_NAME, check_keys, read_prefix, save_prefix
 from prefixtune.core.config import PrefixConfig
+from prefixtune.core.hf import PrefixedBackbone, load_trainable_state, trainable_state, trainable_summary
 from prefixtune.core.inject import Injection, PrefixBatch
 from prefixtune.core.prefix import PrefixEncoder, as_kv, enabled_stacks, flatten_kv
 from prefixtune.core.spec import ModelSpec, read_spec
@@ -143,12 +144,105 @@ class PrefixModel(nn.Module):
         self.prefix.fold()
         return self
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Checkpoint the base model's layers (non-reentrant, so prefix gradients flow)."""
-        self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        **kwargs: Any) -> None:
+        """Checkpoint the base model's layers (non-reentrant unless ``use_reentrant`` says otherwise; the prefix's
+        gradients are the same either way). Trainer calls this (``args.activation_checkpointing``)."""
+        self.base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, **(activation_checkpointing_kwargs or {})},
+            **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      **kwargs: Any) -> None:
+        """The older name of ``activation_checkpointing_enable`` (what PEFT models and TRL call)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         self.base.activation_checkpointing_disable()
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.base.is_activation_checkpointing
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    # ------------------------------------------------------------------ Hugging Face surface (see core/hf.py)
+    main_input_name = "input_ids"
+    _keys_to_ignore_on_save = None  # Trainer._issue_warnings_after_load reads it
+
+    @property
+    def name_or_path(self) -> str:
+        """The base model's name or folder (TRL names runs and finds the tokenizer by it)."""
+        return self.base.name_or_path
+
+    @property
+    def generation_config(self) -> Any:
+        return self.base.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.base.generation_config = value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def base_model(self) -> PrefixedBackbone:
+        """The backbone with the prefix applied: what TRL's fused LM head calls for hidden states."""
+        return PrefixedBackbone(self)
+
+    def can_generate(self) -> bool:
+        return self.base.can_generate()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.base.get_output_embeddings()
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        self.base.tie_weights(*args, **kwargs)
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        self.base.add_model_tags(tags)
+
+    def enable_input_require_grads(self) -> None:
+        """Make the embeddings' output require grad (for reentrant checkpointing; non-reentrant needs none)."""
+        self.base.enable_input_require_grads()
+
+    def disable_input_require_grads(self) -> None:
+        self.base.disable_input_require_grads()
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.base.prepare_inputs_for_generation(*args, **kwargs)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count; Trainer's FLOP estimate reads ``num_parameters(exclude_embeddings=True)``."""
+        if only_trainable:
+            return self.num_trainable_parameters()
+        prefix = sum(p.numel() for p in self.prefix.parameters())
+        return self.base.num_parameters(exclude_embeddings=exclude_embeddings) + prefix
+
+    def print_trainable_parameters(self) -> None:
+        print(trainable_summary(self))
+
+    def state_dict(self, *, destination: dict[str, Any] | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, Any]:
+        """The trainable tensors only (prefix, ``train_modules``), keyed by module path: what Trainer's
+        checkpoints and accelerate's ``save_state`` hold. The frozen base model is not in it."""
+        return trainable_state(self, destination, prefix, keep_vars)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load what ``state_dict()`` gives; the base model's tensors are not expected."""
+        return load_trainable_state(self, state_dict, strict, assign)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: nn.Module, tokenizer: Any = None) -> PrefixModel:
+        """``load(directory, model)``: the saved prefix on ``model`` (refused if it is another base model)."""
+        return load(directory, model, tokenizer)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly what trains (and is saved): the prefix tensors ``{"<stack>.table" | MLP keys}`` and
