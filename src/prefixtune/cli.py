@@ -1,105 +1,193 @@
 """The ``prefixtune`` command line: subcommands that call the library, nothing more.
 
+The flags of ``train``, ``eval``, ``generate`` and ``serve`` are generated from the config dataclasses'
+fields (``PrefixConfig``, ``TrainConfig``, ``DataSpec``, ``ClassifySpec``, ``DecodeConfig``, ``EngineConfig``,
+``ServerConfig``): name, type, choices, default and help (from each class's ``Attributes:`` docstring), so
+every default is written once, in its dataclass. ``train --config run.yaml`` reads the same dataclasses from a
+file (sections ``data``, ``prefix``, ``train``); flags given on the command line override it.
+
 ``train`` and ``eval`` run unchanged under ``torchrun`` / ``accelerate launch`` (``python -m prefixtune``);
-only rank 0 prints their results.
+only rank 0 prints their results. Every error a user can cause ends in one line on stderr (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from prefixtune.core.config import MODES, PrefixConfig
-from prefixtune.training import distributed
-from prefixtune.training.loop import NonFiniteLossError, TrainConfig
+import yaml
 
-DEFAULTS_TRAIN = TrainConfig()
-DEFAULTS_PREFIX = PrefixConfig()
+from prefixtune.core.config import PrefixConfig
+from prefixtune.errors import ConfigError, NonFiniteLossError, PrefixtuneError
+from prefixtune.files import dataclass_from_dict
+from prefixtune.serving.engine import EngineConfig
+from prefixtune.tasks.classification import ClassificationTask, ClassifySpec
+from prefixtune.tasks.generation import DataSpec, GenerationTask
+from prefixtune.tasks.task import DecodeConfig
+from prefixtune.training import distributed, pipeline
+from prefixtune.training.loop import TrainConfig
+
+# field -> flag where today's flag name is not the field's (the README and scripts use these)
+FLAG_NAMES = {(PrefixConfig, "dropout"): "--prefix-dropout", (ClassifySpec, "text_field"): "--source-field",
+              (DecodeConfig, "batch_size"): "--batch-size"}
+TASKS = {"generate": (GenerationTask, DataSpec), "classify": (ClassificationTask, ClassifySpec)}
+TRAIN_SECTIONS = {"data": None, "prefix": PrefixConfig, "train": TrainConfig}  # data: the --task's spec
+TRAIN_TOP = ("task", "model", "out", "resume", "fsdp")  # the other keys a --config file may hold
+DEFAULT_MODELS = {"generate": "smollm2-135m", "classify": "minilm-l6"}
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None,
-                   help="generate: e2e (default) | webnlg | dart | path.jsonl | path.csv | hf:NAME; "
-                        "classify: sst2 (default) | rte | boolq | path.jsonl/.csv/.tsv")
-    p.add_argument("--source-field", default=None, help="source column/key for a .jsonl/.csv/hf: dataset")
-    p.add_argument("--target-field", default=None, help="target column/key for a .jsonl/.csv/hf: dataset")
+# ----------------------------------------------------------------------------- flags from dataclasses
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's line of ``cls``'s ``Attributes:`` docstring section (``a / b: text`` names several)."""
+    doc = inspect.getdoc(cls) or ""
+    if "Attributes:" not in doc:
+        return {}
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in doc.split("Attributes:", 1)[1].splitlines():
+        match = re.match(r"^    ([\w /]+):\s*(.*)$", line)
+        if match:
+            names = [n.strip() for n in match.group(1).split("/")]
+            for n in names:
+                out[n] = match.group(2)
+        elif line.startswith("        ") and names:
+            for n in names:
+                out[n] += " " + line.strip()
+        elif line.strip():
+            break
+    return out
+
+
+def flag_of(cls: type, name: str) -> str:
+    return FLAG_NAMES.get((cls, name), "--" + name.replace("_", "-"))
+
+
+def _converter(kind: Any, flag: str) -> tuple[Any, list[str] | None]:
+    """(argparse type, choices) of a field type; ``X | None`` takes 'none' for None."""
+    args = typing.get_args(kind)
+    optional = type(None) in args and (typing.get_origin(kind) in (typing.Union, types.UnionType))
+    if optional:
+        kind = next(a for a in args if a is not type(None))
+    choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
+    base = str if choices else kind
+
+    def convert(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: expected {base.__name__}, got {text!r}") from None
+
+    convert.__name__ = base.__name__
+    return convert, choices
+
+
+def add_fields(group: Any, cls: type, section: str, skip: Sequence[str] = (),
+               defaults: dict[str, str] | None = None) -> None:
+    """One flag per field of dataclass ``cls`` (but ``skip``), stored as ``SECTION.FIELD`` only when given.
+
+    Booleans that default to False are ``--flag``; those that default to True are ``--no-flag``.
+    ``defaults`` overrides the default shown in the help (where several dataclasses share a flag).
+    """
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, shown = flag_of(cls, f.name), (defaults or {}).get(f.name, repr(f.default))
+        text = helps.get(f.name, "")
+        common = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS}
+        if hints[f.name] is bool:
+            negated = f.default is True
+            flag = "--no-" + flag[2:] if negated else flag
+            group.add_argument(flag, action="store_false" if negated else "store_true", help=text, **common)
+            continue
+        convert, choices = _converter(hints[f.name], flag)
+        group.add_argument(flag, type=convert, choices=choices, help=f"{text} (default: {shown})".strip(), **common)
+
+
+def given(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The ``section`` fields set on the command line, by field name."""
+    return {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith(section + ".")}
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The mapping of a ``--config`` YAML file; keys are checked by the caller, naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(TRAIN_TOP) - set(TRAIN_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join([*TRAIN_TOP, *TRAIN_SECTIONS])})")
+    return data
+
+
+# ----------------------------------------------------------------------------- parsers
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="prefix-tune a model on a dataset")
-    p.add_argument("--task", choices=["generate", "classify"], default="generate",
+    p.add_argument("--config", default=None, metavar="RUN.YAML",
+                   help="read task, model, out and the data/prefix/train sections from a YAML file; flags override")
+    p.add_argument("--task", choices=list(TASKS), default=argparse.SUPPRESS,
                    help="generate: table-to-text with a causal LM (default); classify: P-tuning v2 on an encoder")
-    p.add_argument("--model", default=None,
-                   help="smollm2-135m (default for generate), minilm-l6 (default for classify), a local HF folder, "
-                        "or a hub id")
-    _add_data_args(p)
-    p.add_argument("--text-pair-field", default=None, help="classify: second text column of a file, if any")
-    p.add_argument("--label-field", default=None, help="classify: label column of a file (default: label)")
-    p.add_argument("--out", required=True, help="run directory (log, checkpoints, best/)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--dev-split", default="dev", help="split for dev loss ('none' to skip)")
-    p.add_argument("--dev-limit", type=int, default=200, help="dev examples for dev loss (seeded subset)")
-    p.add_argument("--train-limit", type=int, default=None, help="first N training examples after a seeded shuffle")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="longest training sequence in tokens (default 256; classify: 128, longer is truncated)")
-    p.add_argument("--on-too-long", choices=["error", "truncate", "skip"], default="error",
-                   help="what to do with a longer example (truncate cuts the source; both are reported)")
-    p.add_argument("--separator", default="\n", help="text between source and target (default: newline)")
-    g = p.add_argument_group("prefix")
-    g.add_argument("--prefix-length", type=int, default=DEFAULTS_PREFIX.prefix_length)
-    g.add_argument("--reparam-hidden", type=int, default=DEFAULTS_PREFIX.reparam_hidden,
-                   help="hidden width h of the reparameterization MLP")
-    g.add_argument("--no-reparam", action="store_true", help="train the prefix directly (P-tuning v2)")
-    g.add_argument("--mode", choices=MODES, default="prefix")
-    g.add_argument("--init", default="random", help='random | text:"words" (the model\'s own K/V of the words)')
-    g.add_argument("--prefix-dropout", type=float, default=0.0)
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=float, default=DEFAULTS_TRAIN.epochs)
-    g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=DEFAULTS_TRAIN.batch_size,
-                   help="examples per rank per micro-step; a step sees batch-size × ranks × grad-accum")
-    g.add_argument("--grad-accum", type=int, default=DEFAULTS_TRAIN.grad_accum)
-    g.add_argument("--lr", type=float, default=DEFAULTS_TRAIN.lr)
-    g.add_argument("--warmup-steps", type=int, default=DEFAULTS_TRAIN.warmup_steps)
-    g.add_argument("--weight-decay", type=float, default=DEFAULTS_TRAIN.weight_decay)
-    g.add_argument("--max-grad-norm", type=float, default=DEFAULTS_TRAIN.max_grad_norm)
-    g.add_argument("--seed", type=int, default=DEFAULTS_TRAIN.seed)
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--eval-every", type=int, default=None, help="dev loss every N steps (keeps the best prefix)")
-    g.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
-                   help="stop after PATIENCE dev evaluations without improvement")
-    g.add_argument("--checkpoint-every", type=int, default=DEFAULTS_TRAIN.checkpoint_every,
-                   help="write the resume state every N steps (and at every evaluation)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped "
-                   "(also on another number of ranks, with the same batch-size × ranks)")
+    p.add_argument("--model", default=argparse.SUPPRESS,
+                   help=f"{DEFAULT_MODELS['generate']} (default for generate), {DEFAULT_MODELS['classify']} "
+                        "(default for classify), a local HF folder, or a hub id")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (log, checkpoints, best/); required")
+    g = p.add_argument_group("data (generate: DataSpec; classify: ClassifySpec)")
+    shared = {f.name: f"generate {f.default!r}; classify {c.default!r}"
+              for f in dataclasses.fields(DataSpec) for c in dataclasses.fields(ClassifySpec) if f.name == c.name}
+    add_fields(g, DataSpec, "data", defaults=shared)
+    add_fields(g, ClassifySpec, "cdata", skip=[*shared, "text_field"])
+    add_fields(p.add_argument_group("prefix (PrefixConfig)"), PrefixConfig, "prefix")
+    g = p.add_argument_group("optimization (TrainConfig)")
+    add_fields(g, TrainConfig, "train")
+    g.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                   help="continue the run in --out exactly where it stopped (also on another number of ranks, "
+                        "with the same batch-size × ranks)")
     g = p.add_argument_group("scaling out (under torchrun or accelerate launch)")
-    g.add_argument("--fsdp", action="store_true",
+    g.add_argument("--fsdp", action="store_true", default=argparse.SUPPRESS,
                    help="shard the frozen base model's blocks over the ranks (FSDP2) instead of a whole copy each")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="decode one output per unique source and print the metrics "
-                                    "(classification runs: accuracy, macro F1, MCC)")
+    p = sub.add_parser("eval", help="predict one output per unique source (classification runs: per example) and "
+                                    "print the metrics (classification: accuracy, macro F1, MCC)")
     p.add_argument("run_dir", help="a run directory (uses its best/) or a saved prefix folder with run.json")
     p.add_argument("--data", default=None, help="dataset (default: the one the run trained on)")
-    p.add_argument("--split", default=None, help="default: test (classification: dev)")
-    p.add_argument("--limit", type=int, default=None, help="first N unique sources")
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--predictions", default=None,
-                   help="output file, one prediction per line in source order (required for generation runs)")
+    p.add_argument("--split", default=None, help=f"default: {pipeline.EVAL_SPLIT}")
+    p.add_argument("--limit", type=int, default=None, help="first N unique sources (or examples)")
+    add_fields(p.add_argument_group("decoding (DecodeConfig)"), DecodeConfig, "decode")
+    p.add_argument("--predictions", default=None, help="output file, one prediction per line in source order")
 
 
 def _score_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="metrics for any system's outputs (one line per unique source)")
-    _add_data_args(p)
-    p.add_argument("--split", default="test")
+    add_fields(p, DataSpec, "data", skip=[f.name for f in dataclasses.fields(DataSpec)
+                                          if f.name not in ("data", "source_field", "target_field")])
+    p.add_argument("--split", default=pipeline.EVAL_SPLIT["generate"])
     p.add_argument("--limit", type=int, default=None, help="first N unique sources")
     p.add_argument("--predictions", required=True)
 
@@ -108,28 +196,36 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate from source texts (arguments, or stdin one per line)")
     p.add_argument("run_dir")
     p.add_argument("sources", nargs="*")
-    p.add_argument("--beams", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_fields(p.add_argument_group("decoding (DecodeConfig)"), DecodeConfig, "decode")
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a short real run on E2E, then metrics next to the untrained model's")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--train-limit", type=int, default=300)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--eval-limit", type=int, default=40, help="first N test MRs to score")
+    defaults = inspect.signature(pipeline.demo).parameters  # the demo's settings, written once there
+    p.add_argument("--out", default=defaults["out_dir"].default)
+    p.add_argument("--train-limit", type=int, default=defaults["train_limit"].default)
+    p.add_argument("--epochs", type=float, default=defaults["epochs"].default)
+    p.add_argument("--eval-limit", type=int, default=defaults["eval_limit"].default, help="first N test MRs to score")
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a base model and many prefixes")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local HF folder, or a hub id")
+    p.add_argument("--model", default=DEFAULT_MODELS["generate"],
+                   help=f"{DEFAULT_MODELS['generate']} (default), a local HF folder, or a hub id")
     p.add_argument("--prefixes", default=None, help="folder of save_pretrained prefix folders (their names are "
                    "the model ids); the admin endpoint loads more from it when $PREFIXTUNE_ADMIN_TOKEN is set")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=32, help="most requests decoded together")
-    p.add_argument("--max-waiting", type=int, default=256, help="queue bound; beyond it requests get 503")
-    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    try:  # the server needs the [serve] extra (fastapi); the other commands do not
+        from prefixtune.server.app import ServerConfig, serve
+    except ImportError:
+        return
+    params = inspect.signature(serve).parameters  # the settings serve() takes, by their dataclass field names
+    add_fields(p.add_argument_group("engine (EngineConfig)"), EngineConfig, "engine",
+               skip=[f.name for f in dataclasses.fields(EngineConfig) if f.name not in params])
+    for name in ("host", "port"):
+        default = params[name].default
+        p.add_argument(f"--{name}", type=type(default), default=default, help=f"(default: {default!r})")
+    add_fields(p.add_argument_group("server (ServerConfig)"), ServerConfig, "server",
+               skip=[f.name for f in dataclasses.fields(ServerConfig) if f.name not in params])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,95 +236,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
-    from prefixtune.training.pipeline import ClassifySpec, DataSpec, train_classifier_run, train_run
+# ----------------------------------------------------------------------------- commands
 
-    dev_split = None if a.dev_split == "none" else a.dev_split
-    prefix = PrefixConfig(prefix_length=a.prefix_length, reparam=not a.no_reparam, reparam_hidden=a.reparam_hidden,
-                          mode=a.mode, init=a.init, dropout=a.prefix_dropout)
-    train = TrainConfig(epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                        lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
-                        max_grad_norm=a.max_grad_norm, seed=a.seed, precision=a.precision,
-                        gradient_checkpointing=a.gradient_checkpointing, eval_every=a.eval_every,
-                        early_stopping=a.early_stopping, checkpoint_every=a.checkpoint_every)
-    if a.task == "classify":
-        cdata = ClassifySpec(data=a.data or "sst2", split=a.split, dev_split=dev_split, train_limit=a.train_limit,
-                             text_field=a.source_field, text_pair_field=a.text_pair_field, label_field=a.label_field,
-                             max_length=a.max_length or 128)
-        summary = train_classifier_run(a.out, a.model or "minilm-l6", cdata, prefix, train, resume=a.resume,
-                                       fsdp=a.fsdp)
-    else:
-        data = DataSpec(data=a.data or "e2e", split=a.split, dev_split=dev_split, dev_limit=a.dev_limit,
-                        train_limit=a.train_limit, source_field=a.source_field, target_field=a.target_field,
-                        max_length=a.max_length or 256, on_too_long=a.on_too_long, separator=a.separator)
-        summary = train_run(a.out, a.model or "smollm2-135m", data, prefix, train, resume=a.resume, fsdp=a.fsdp)
+
+def train_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The train job's arguments: the ``--config`` file's values, overridden by the flags given."""
+    file = read_config(a.config) if a.config else {}
+    where = a.config or "command line"
+    top = {k: file[k] for k in TRAIN_TOP if k in file} | {k: getattr(a, k) for k in TRAIN_TOP if hasattr(a, k)}
+    kind = top.get("task", "generate")
+    if kind not in TASKS:
+        raise ConfigError(f"{where}: task {kind!r} (one of {list(TASKS)})")
+    if "out" not in top:
+        raise ConfigError("--out is required (on the command line or as 'out' in --config)")
+    task_cls, spec_cls = TASKS[kind]
+    flags = given(a, "data") | given(a, "cdata")
+    if spec_cls is ClassifySpec and "source_field" in flags:
+        flags["text_field"] = flags.pop("source_field")
+    spec_fields = {f.name for f in dataclasses.fields(spec_cls)}
+    for name in sorted(set(flags) - spec_fields):
+        raise ConfigError(f"{flag_of(DataSpec, name)}: does not apply to --task {kind}")
+    configs = {}
+    for section, cls in (("data", spec_cls), ("prefix", PrefixConfig), ("train", TrainConfig)):
+        values = dict(file.get(section) or {}) | (flags if section == "data" else given(a, section))
+        configs[section] = dataclass_from_dict(cls, values, f"{where}: section {section!r}")
+    return {"out_dir": top["out"], "model_name": top.get("model", DEFAULT_MODELS[kind]),
+            "task": task_cls(configs["data"]), "prefix": configs["prefix"], "train": configs["train"],
+            "resume": bool(top.get("resume", False)), "fsdp": bool(top.get("fsdp", False))}
+
+
+def _decode(a: argparse.Namespace) -> DecodeConfig:
+    return dataclass_from_dict(DecodeConfig, given(a, "decode"), "command line")
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    summary = pipeline.train_run(**train_settings(a))
     if distributed.is_main():
         print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from prefixtune.training.pipeline import evaluate_classifier_run, evaluate_run, run_task
-
-    if run_task(a.run_dir) == "classify":
-        result = evaluate_classifier_run(a.run_dir, a.data, a.split or "dev", a.limit, a.predictions)
-    else:
-        if not a.predictions:
-            raise ValueError("--predictions FILE is required to evaluate a generation run")
-        result = evaluate_run(a.run_dir, a.data, a.split or "test", a.predictions, limit=a.limit,
-                              num_beams=a.beams, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    result = pipeline.evaluate_run(a.run_dir, a.data, a.split, a.predictions, limit=a.limit, decode=_decode(a))
     if distributed.is_main():
         print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
-    from prefixtune.tasks.metrics import read_predictions
-    from prefixtune.training.pipeline import metrics_for, reference_groups
-
-    data = a.data or "e2e"
-    sources, refs = reference_groups(data, a.split, a.limit, a.source_field, a.target_field)
-    preds = read_predictions(a.predictions)
-    if len(preds) != len(refs):
-        raise ValueError(f"{a.predictions}: {len(preds)} predictions, but {data} {a.split} has {len(refs)} "
-                         "unique sources" + (f" (first {a.limit})" if a.limit else ""))
-    print(json.dumps({"data": data, "split": a.split, "sources": len(sources), **metrics_for(data, preds, refs)},
-                     indent=2))
+    task = GenerationTask(dataclass_from_dict(DataSpec, given(a, "data"), "command line"))
+    print(json.dumps(pipeline.score_outputs(task, a.split, a.predictions, a.limit), indent=2))
     return 0
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from prefixtune.tasks.decode import generate_texts
-    from prefixtune.training.pipeline import DataSpec, load_trained
-
     sources = a.sources or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sources:
-        raise ValueError("no source text given (as arguments or on stdin)")
-    pm, tokenizer, record = load_trained(a.run_dir)
-    fmt = DataSpec(**record["data"]).format
-    for out in generate_texts(pm, tokenizer, sources, fmt, num_beams=a.beams, max_new_tokens=a.max_new_tokens,
-                              progress=False):
+        raise ConfigError("no source text given (as arguments or on stdin)")
+    for out in pipeline.generate_outputs(a.run_dir, sources, _decode(a)):
         print(out)
     return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from prefixtune.training.pipeline import demo
-
-    demo(a.out, train_limit=a.train_limit, epochs=a.epochs, eval_limit=a.eval_limit)
+    pipeline.demo(a.out, train_limit=a.train_limit, epochs=a.epochs, eval_limit=a.eval_limit)
     return 0
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    from prefixtune.server.app import serve
+    from prefixtune.server.app import serve  # needs the [serve] extra; the parser checked it is there
 
-    serve(a.model, a.prefixes, host=a.host, port=a.port, max_batch_size=a.max_batch_size,
-          max_waiting=a.max_waiting, max_tokens=a.max_tokens)
+    settings = given(a, "engine") | given(a, "server")
+    serve(a.model, a.prefixes, host=a.host, port=a.port, **settings)
     return 0
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "score": _cmd_score, "generate": _cmd_generate,
             "demo": _cmd_demo, "serve": _cmd_serve}
+# what a user can cause: our errors, bad values, and files (missing, existing, unreadable: OSError)
+USER_ERRORS = (PrefixtuneError, ValueError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,12 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "eval"):
             distributed.init_from_env()  # several ranks under torchrun / accelerate launch
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"prefixtune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except NonFiniteLossError as exc:
         print(f"prefixtune {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
+    except USER_ERRORS as exc:
+        print(f"prefixtune {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"prefixtune {args.command}: interrupted; `--resume` continues a training run", file=sys.stderr)
         return 130
@@ -252,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.close()
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (a message that spans lines is joined; an empty one gives the type's name)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -38,3 +38,11 @@ class QueueFullError(PrefixtuneError, RuntimeError):
 
 class UnknownPrefixError(PrefixtuneError, LookupError):
     """A request named a prefix that is not registered."""
+
+
+class RankFailedError(PrefixtuneError, RuntimeError):
+    """Rank 0 of a distributed job failed; the other ranks raise this with its type name and message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"rank 0 failed with {type_name}: {message}")
+        self.type_name = type_name

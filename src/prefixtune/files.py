@@ -1,12 +1,19 @@
-"""Small file helpers shared by checkpoints, the model cache and training: atomic writes, hashing."""
+"""Small file helpers shared by checkpoints, the model cache and training: atomic writes, hashing, and checked
+dataclasses from the dicts read out of JSON / YAML files."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+from prefixtune.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -46,3 +53,18 @@ def sha256_file(path: str | Path) -> str:
         while chunk := fh.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def dataclass_from_dict(cls: type[T], data: Any, where: str) -> T:
+    """``cls(**data)`` for a dataclass read from a file: unknown fields, a non-mapping and invalid values
+    raise ``ConfigError`` naming ``where`` (the file, and the section in it) and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known {cls.__name__} fields: {', '.join(known)})")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc

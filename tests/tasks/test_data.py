@@ -13,23 +13,25 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from prefixtune.tasks.data import (
+from prefixtune.errors import DataError
+from prefixtune.tasks.encoding import (
     IGNORE_INDEX,
-    DataError,
     EncodedExample,
-    Example,
     Format,
     collate,
     encode_all,
     encode_example,
     encode_prompt,
+)
+from prefixtune.tasks.readers import (
+    Example,
     group_references,
     linearize_mr,
     linearize_triples,
     load_examples,
-    resolve_data_root,
     shuffled_subset,
 )
+from prefixtune.tasks.rows import resolve_data_root
 
 ROOT = resolve_data_root()
 needs_data = pytest.mark.skipif(

@@ -15,6 +15,7 @@ from prefixtune.tasks.metrics import (
     MeteorUnavailableError,
     e2e_metrics,
     e2e_metrics_from_files,
+    java_meteor,
     mteval_bleu,
     mteval_nist,
     mteval_tokenize,
@@ -159,7 +160,7 @@ def test_from_files_mismatch_names_counts_and_files(tmp_path: Path) -> None:
 
 
 def test_meteor_without_java_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(java_meteor.shutil, "which", lambda name: None)
     with pytest.raises(MeteorUnavailableError, match="java"):
         e2e_metrics(["a cat"], [["a cat"]])
     with pytest.raises(MeteorUnavailableError, match="could not start"):

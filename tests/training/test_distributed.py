@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny_model_dir
 
 from prefixtune.cli import main
+from prefixtune.errors import MeteorUnavailableError
 from prefixtune.training import distributed
 from prefixtune.training.loop import LOG_NAME, STATE_NAME, _accumulation_window
 
@@ -49,11 +50,14 @@ KILL_AT_5 = textwrap.dedent(
 WITHOUT_METEOR = textwrap.dedent(
     """
     import sys
-    from prefixtune.tasks import metrics
-    from prefixtune.training import pipeline
+    from prefixtune.errors import MeteorUnavailableError
+    from prefixtune.tasks.metrics import java_meteor
     from prefixtune.cli import main
 
-    pipeline.metrics_for = lambda data, preds, refs: metrics.generation_metrics(preds, refs, include_meteor=False)
+    def no_java(*args, **kwargs):
+        raise MeteorUnavailableError("left out in this test")
+
+    java_meteor.MeteorScorer = no_java
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -184,12 +188,13 @@ def test_resume_on_another_global_batch_is_refused_naming_the_fix(setup, single,
 
 
 def test_sharded_eval_gathers_predictions_in_source_order(setup, single, tmp_path, capsys, monkeypatch):
-    from prefixtune.tasks import metrics
-    from prefixtune.training import pipeline
+    from prefixtune.tasks.metrics import java_meteor
+
+    def no_java(*args, **kwargs):
+        raise MeteorUnavailableError("left out in this test")
 
     # METEOR (java, seconds per call) is left out here and in the 2-rank run below: the order is the subject
-    monkeypatch.setattr(pipeline, "metrics_for",
-                        lambda data, preds, refs: metrics.generation_metrics(preds, refs, include_meteor=False))
+    monkeypatch.setattr(java_meteor, "MeteorScorer", no_java)
     args = ["eval", str(single), "--data", setup[1][3], "--split", "all", "--max-new-tokens", "6",
             "--batch-size", "3"]
     assert main([*args, "--predictions", str(tmp_path / "one.txt")]) == 0

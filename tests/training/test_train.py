@@ -14,7 +14,7 @@ import torch
 from tiny_models import char_tokenizer, tiny
 
 from prefixtune import PrefixConfig, attach
-from prefixtune.tasks.data import EncodedExample
+from prefixtune.tasks.encoding import EncodedExample
 from prefixtune.training.loop import LOG_NAME, STATE_NAME, NonFiniteLossError, TrainConfig, fit
 
 TESTS = Path(__file__).resolve().parent

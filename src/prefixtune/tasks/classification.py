@@ -1,4 +1,4 @@
-"""P-tuning v2 for understanding tasks: a frozen encoder with deep prompts and a small trained head.
+"""P-tuning v2 for understanding tasks as a `Task`: a frozen encoder with deep prompts and a small trained head.
 
 ``attach_classifier`` loads ``AutoModelForSequenceClassification`` (or ``...ForTokenClassification``)
 for an encoder, freezes it, gives every layer a prefix, and trains the task head with it; the
@@ -8,31 +8,83 @@ model's fingerprint.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from prefixtune.core.config import PrefixConfig
 from prefixtune.core.model import PrefixModel, attach
-from prefixtune.tasks.data import pad_rows
-from prefixtune.tasks.glue import ClassExample
+from prefixtune.errors import ConfigError
+from prefixtune.io.hub import resolve_model
+from prefixtune.tasks.encoding import pad_rows
+from prefixtune.tasks.generation import check_spec_fields
+from prefixtune.tasks.glue import ClassExample, load_classification
+from prefixtune.tasks.metrics.classification import classification_metrics
+from prefixtune.tasks.task import DecodeConfig
 
-HEADS: dict[str, tuple[str, ...]] = {"distilbert": ("pre_classifier", "classifier")}
+__all__ = ["HEADS", "ClassificationTask", "ClassifySpec", "EncodedClass", "attach_classifier",
+           "classification_metrics", "collate_classes", "encode_examples", "head_modules", "load_classifier_base",
+           "predict"]
+
+# the task-head submodules of a transformers classification model, by model type (default: "classifier")
+HEADS: Mapping[str, tuple[str, ...]] = {"distilbert": ("pre_classifier", "classifier")}
 DEFAULT_HEAD = ("classifier",)
 
 
-def head_modules(model: nn.Module) -> tuple[str, ...]:
-    """Names of the task-head submodules of a transformers classification model."""
-    return HEADS.get(model.config.model_type, DEFAULT_HEAD)
+def head_modules(model: nn.Module, head: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Names of the task-head submodules of a transformers classification model: ``head`` when given,
+    else the ones its architecture has (``HEADS``)."""
+    return tuple(head) if head is not None else HEADS.get(model.config.model_type, DEFAULT_HEAD)
 
 
-def attach_classifier(model: nn.Module, config: PrefixConfig) -> PrefixModel:
-    """Freeze ``model`` (a ...ForSequence/TokenClassification encoder), add a prefix, train its head."""
-    return attach(model, config, train_modules=head_modules(model))
+def attach_classifier(model: nn.Module, config: PrefixConfig, head: Sequence[str] | None = None) -> PrefixModel:
+    """Freeze ``model`` (a ...ForSequence/TokenClassification encoder), add a prefix, train its head
+    (``head``: the submodules that train with the prefix; default: the architecture's classifier)."""
+    return attach(model, config, train_modules=head_modules(model, head))
+
+
+def load_classifier_base(model_name: str, num_labels: int) -> tuple[nn.Module, Any]:
+    """A transformers sequence-classification model (new head, sdpa attention) and its tokenizer."""
+    path = resolve_model(model_name)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, attn_implementation="sdpa")
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@dataclass(frozen=True)
+class ClassifySpec:
+    """Which labelled data a classification run trains on.
+
+    Attributes:
+        data: sst2 | rte | boolq | path.jsonl/.csv/.tsv.
+        split: the training split.
+        dev_split: split for the dev metrics ('none' to skip).
+        train_limit: first N training examples after a seeded shuffle ('none': all).
+        text_field: text column of a file (default: text).
+        text_pair_field: second text column of a file, if any.
+        label_field: label column of a file (default: label).
+        max_length: longest input in tokens (longer is truncated).
+    """
+
+    data: str = "sst2"
+    split: str = "train"
+    dev_split: str | None = "dev"
+    train_limit: int | None = None
+    text_field: str | None = None
+    text_pair_field: str | None = None
+    label_field: str | None = None
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        bad = check_spec_fields(self)
+        for name in ("text_field", "text_pair_field", "label_field"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                bad.append(f"{name}={getattr(self, name)!r} (a non-empty string, or None)")
+        if bad:
+            raise ConfigError(f"{type(self).__name__}: invalid {'; '.join(bad)}")
 
 
 @dataclass(frozen=True)
@@ -82,25 +134,71 @@ def predict(model: nn.Module, encoded: Sequence[EncodedClass], pad_id: int, batc
     return preds
 
 
-def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
-    """Accuracy, macro F1, and Matthews correlation (multi-class form) of class ids."""
-    if len(predictions) != len(labels) or not labels:
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    classes = sorted(set(labels) | set(predictions))
-    k = {c: i for i, c in enumerate(classes)}
-    conf = [[0] * len(classes) for _ in classes]
-    for p, y in zip(predictions, labels, strict=True):
-        conf[k[y]][k[p]] += 1
-    n = len(labels)
-    correct = sum(conf[i][i] for i in range(len(classes)))
-    f1s = []
-    for i in range(len(classes)):
-        tp = conf[i][i]
-        pred_i = sum(conf[r][i] for r in range(len(classes)))
-        true_i = sum(conf[i])
-        f1s.append(2 * tp / (pred_i + true_i) if pred_i + true_i else 0.0)
-    t = [sum(row) for row in conf]
-    p = [sum(conf[r][c] for r in range(len(classes))) for c in range(len(classes))]
-    cov = correct * n - sum(ti * pi for ti, pi in zip(t, p, strict=True))
-    denom = math.sqrt(n * n - sum(pi * pi for pi in p)) * math.sqrt(n * n - sum(ti * ti for ti in t))
-    return {"accuracy": correct / n, "macro_f1": sum(f1s) / len(f1s), "mcc": cov / denom if denom else 0.0}
+class ClassificationTask:
+    """P-tuning v2: a prefix and the task head of a frozen encoder; outputs are label names.
+
+    ``labels`` (class names, index = class id) come from the training split when not given; ``head``
+    names the submodules that train with the prefix (default: the architecture's, ``HEADS``).
+    """
+
+    kind: ClassVar[str] = "classify"
+    unit: ClassVar[str] = "examples"
+
+    def __init__(self, spec: ClassifySpec, labels: Sequence[str] | None = None,
+                 head: Sequence[str] | None = None) -> None:
+        self.spec = spec
+        self._labels = tuple(labels) if labels is not None else None
+        self.head = tuple(head) if head is not None else None
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self._labels
+
+    def read(self, split: str) -> list[ClassExample]:
+        s = self.spec
+        examples, labels = load_classification(s.data, split, text_field=s.text_field,
+                                               text_pair_field=s.text_pair_field, label_field=s.label_field,
+                                               labels=self._labels)
+        self._labels = labels
+        return examples
+
+    def load_model(self, model_name: str) -> tuple[nn.Module, Any]:
+        if self._labels is None:  # the head's size: the labels of the training split
+            self.read(self.spec.split)
+        return load_classifier_base(model_name, len(self._labels))
+
+    def attach(self, model: nn.Module, prefix: PrefixConfig, tokenizer: Any) -> PrefixModel:
+        return attach_classifier(model, prefix, self.head)
+
+    def encode(self, tokenizer: Any, records: Sequence[ClassExample], *, training: bool) -> list[EncodedClass]:
+        return encode_examples(tokenizer, records, self.spec.max_length)
+
+    def dev_records(self, records: list[ClassExample]) -> list[ClassExample]:
+        return records
+
+    def collate(self, batch: Sequence[EncodedClass], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_classes(batch, pad_id)
+
+    def pad_id(self, tokenizer: Any) -> int:
+        return tokenizer.pad_token_id or 0
+
+    def fingerprint_rows(self, records: Sequence[ClassExample]) -> list[tuple[str, ...]]:
+        return [(ex.text, ex.text_pair or "", str(ex.label)) for ex in records]
+
+    def eval_set(self, split: str, limit: int | None) -> tuple[list[ClassExample], list[str]]:
+        examples = self.read(split)
+        examples = examples[:limit] if limit else examples
+        return examples, [self._labels[ex.label] for ex in examples]
+
+    def predict(self, model: nn.Module, tokenizer: Any, inputs: Sequence[ClassExample], decode: DecodeConfig,
+                progress: bool = False) -> list[str]:
+        ids = predict(model, encode_examples(tokenizer, inputs, self.spec.max_length), self.pad_id(tokenizer),
+                      decode.batch_size)
+        return [self._labels[i] for i in ids]
+
+    def score(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float | None]:
+        index = {name: i for i, name in enumerate(self._labels)}
+        return classification_metrics([index[p] for p in predictions], [index[r] for r in references])
+
+    def decode_record(self, decode: DecodeConfig) -> dict[str, Any]:
+        return {}

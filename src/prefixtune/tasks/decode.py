@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prefixtune.tasks.data import Format, encode_prompt, pad_rows
+from prefixtune.tasks.encoding import Format, encode_prompt, pad_rows
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,14 @@
-"""Sentence(-pair) classification records: GLUE SST-2 and RTE, BoolQ, or a JSONL / CSV / TSV file."""
+"""Sentence(-pair) classification records: GLUE SST-2 and RTE, BoolQ, or a JSONL / CSV / TSV file, read through
+the strict rows of ``rows`` (file, line and field in every error)."""
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefixtune.tasks.data import DataError, resolve_data_root
+from prefixtune.errors import DataError
+from prefixtune.tasks.rows import require_text, resolve_data_root, table_rows
 
 
 @dataclass(frozen=True)
@@ -42,39 +42,10 @@ TASKS: dict[str, TaskSpec] = {
 
 
 def _label_id(value: object, labels: Sequence[str], where: str, field: str) -> int:
-    text = str(value)
+    text = str(value).strip()
     if text in labels:
         return labels.index(text)
-    raise DataError(f"{where}: field '{field}' is {value!r}; expected one of {list(labels)}")
-
-
-def _read_rows(path: Path) -> list[tuple[int, dict[str, object]]]:
-    """(line, row) pairs of a .jsonl, .csv or .tsv file (TSV read with quoting off, as GLUE needs)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object")
-            rows.append((i, obj))
-        return rows
-    if path.suffix not in (".csv", ".tsv"):
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .csv or .tsv)")
-    quoting = csv.QUOTE_NONE if path.suffix == ".tsv" else csv.QUOTE_MINIMAL
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",", quoting=quoting)
-    return [(reader.line_num, dict(row)) for row in reader]
+    raise DataError(f"{where}: field {field!r}: {value!r} is not one of the labels {list(labels)}")
 
 
 def load_classification(
@@ -104,18 +75,16 @@ def load_classification(
         path = Path(data)
         text_field = text_field or "text"
         label_field = label_field or "label"
-    rows = _read_rows(path)
+    fields = [f for f in (text_field, text_pair_field, label_field) if f is not None]
+    rows = list(table_rows(path, fields))  # the strict reader: file, line and field in every error
     if labels is None:
-        labels = tuple(sorted({str(r.get(label_field)) for _, r in rows if r.get(label_field) is not None}))
+        labels = tuple(sorted({str(r[label_field]).strip() for _, r in rows}))
     out = []
     for line, row in rows:
-        where = f"{path}:{line}"
-        for field in (text_field, text_pair_field, label_field):
-            if field is not None and (row.get(field) is None or str(row.get(field)).strip() == ""):
-                raise DataError(f"{where}: field '{field}' is missing or empty")
-        pair = str(row[text_pair_field]).strip() if text_pair_field else None
-        label = _label_id(row[label_field], labels, where, label_field)
-        out.append(ClassExample(str(row[text_field]).strip(), pair, label, where))
+        text = require_text(path, line, text_field, row[text_field], "text")
+        pair = require_text(path, line, text_pair_field, row[text_pair_field], "text pair") if text_pair_field else None
+        label = _label_id(row[label_field], labels, f"{path}:{line}", label_field)
+        out.append(ClassExample(text, pair, label, f"{path}:{line}"))
     if not out:
         raise DataError(f"{path}: no examples")
     return out, tuple(labels)

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from prefixtune.errors import RankFailedError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -233,3 +235,26 @@ def main_first() -> Iterator[None]:
     finally:
         if is_main():
             barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run by rank 0 only (it reads or writes the run directory); its result, or the error it raised,
+    on every rank, so that all ranks stop with the same message and none waits at a broadcast for ever.
+
+    Rank 0 re-raises its own exception, whatever its type; the other ranks raise `RankFailedError` carrying
+    its type name and message (exceptions are not pickled across ranks: not every one can be).
+    """
+    result: Any = None
+    error: BaseException | None = None
+    if is_main():
+        try:
+            result = ("ok", fn())
+        except Exception as exc:  # any type: the other ranks must hear of it
+            error = exc
+            result = ("error", type(exc).__name__, str(exc))
+    message = broadcast_object(result)
+    if error is not None:
+        raise error
+    if message[0] == "error":
+        raise RankFailedError(message[1], message[2])
+    return message[1]
