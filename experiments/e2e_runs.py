@@ -34,10 +34,11 @@ import torch  # noqa: E402
 from prefixtune import PrefixConfig  # noqa: E402
 from prefixtune.files import atomic_write_text  # noqa: E402
 from prefixtune.io.hub import load_causal_lm  # noqa: E402
-from prefixtune.tasks.data import collate  # noqa: E402
 from prefixtune.tasks.decode import generate_texts  # noqa: E402
+from prefixtune.tasks.encoding import collate  # noqa: E402
+from prefixtune.tasks.generation import DataSpec, GenerationTask  # noqa: E402
 from prefixtune.training.loop import TrainConfig, fit  # noqa: E402
-from prefixtune.training.pipeline import DataSpec, load_trained, metrics_for, prepare_data, reference_groups, train_run  # noqa: E402
+from prefixtune.training.pipeline import load_trained, prepare_data, train_run  # noqa: E402
 
 MODEL = "smollm2-135m"
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
@@ -102,10 +103,11 @@ def _right_pad(batch, pad_id):
 
 
 def _decode_and_score(model: Any, tokenizer: Any, spec: RunSpec, split: str, limit: int) -> dict[str, Any]:
-    sources, refs = reference_groups("e2e", split, limit)
+    task = GenerationTask(spec.data_spec())
+    sources, refs = task.eval_set(split, limit)
     preds = generate_texts(model, tokenizer, sources, spec.data_spec().format, batch_size=20,
                            max_new_tokens=spec.max_new_tokens, progress=False)
-    return {"metrics": metrics_for("e2e", preds, refs), "predictions": preds}
+    return {"metrics": task.score(preds, refs), "predictions": preds}
 
 
 def _last_epoch_loss(out: Path) -> float | None:
@@ -124,7 +126,7 @@ def _last_epoch_loss(out: Path) -> float | None:
 def _train_other(spec: RunSpec, out: Path) -> tuple[Any, Any, int, int]:
     """PEFT or full fine-tuning with the library's training loop; (model, tokenizer, steps, stored bytes)."""
     model, tokenizer = load_causal_lm(MODEL)
-    _, encoded, _ = prepare_data(tokenizer, spec.data_spec(), spec.seed)
+    _, encoded, _ = prepare_data(GenerationTask(spec.data_spec()), tokenizer, spec.seed)
     torch.manual_seed(spec.seed)
     if spec.system == "peft":
         import peft
@@ -150,9 +152,9 @@ def run(spec: RunSpec, root: str | Path) -> dict[str, Any]:
         return json.loads(result_path.read_text())
     t0 = time.perf_counter()
     if spec.system == "prefixtune":
-        summary = train_run(out, MODEL, spec.data_spec(), spec.prefix_config(), spec.train_config(), resume=True,
-                            progress=False)
-        model, tokenizer, _ = load_trained(out)
+        summary = train_run(out, MODEL, GenerationTask(spec.data_spec()), spec.prefix_config(), spec.train_config(),
+                            resume=True, progress=False)
+        model, tokenizer, _, _ = load_trained(out)
         steps, trainable = summary["steps"], summary["trainable_parameters"]
         stored = (out / "best" / "prefix.safetensors").stat().st_size
     else:

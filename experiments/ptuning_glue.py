@@ -28,17 +28,20 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from prefixtune import PrefixConfig, classify  # noqa: E402
+from prefixtune import PrefixConfig  # noqa: E402
 from prefixtune.files import atomic_write_text  # noqa: E402
-from prefixtune.tasks.classification import classification_metrics, collate_classes, encode_examples, predict  # noqa: E402
-from prefixtune.tasks.data import shuffled_subset  # noqa: E402
-from prefixtune.training.loop import TrainConfig, fit  # noqa: E402
-from prefixtune.training.pipeline import (  # noqa: E402
+from prefixtune.tasks.classification import (  # noqa: E402
+    ClassificationTask,
     ClassifySpec,
+    classification_metrics,
+    collate_classes,
+    encode_examples,
     load_classifier_base,
-    load_trained_classifier,
-    train_classifier_run,
+    predict,
 )
+from prefixtune.tasks.readers import shuffled_subset  # noqa: E402
+from prefixtune.training.loop import TrainConfig, fit  # noqa: E402
+from prefixtune.training.pipeline import load_trained, train_run  # noqa: E402
 
 MODEL = "minilm-l6"
 # max_epochs: the longest budget a system may have on the task (an RTE epoch costs ~3 SST-2 epochs on the CPU)
@@ -128,23 +131,18 @@ def run(task: str, name: str, seed: int, out: Path, epochs: float) -> dict:
     train = TrainConfig(epochs=epochs_of(name, epochs), batch_size=system.batch or size["batch"], lr=system.lr,
                         warmup_steps=20, seed=seed, log_every=20, checkpoint_every=10_000)
     t0 = time.perf_counter()
-    examples, labels = spec.load("train")
+    reader = ClassificationTask(spec)
+    examples = reader.read("train")
     if spec.train_limit:
         examples = shuffled_subset(examples, spec.train_limit, seed)
     if system.kind == "ptuning":
         prefix = PrefixConfig(prefix_length=system.prefix_length, reparam=False, init_std=system.init_std)
-        saved_heads = dict(classify.HEADS)
-        if system.head:
-            classify.HEADS["bert"] = system.head
-        try:
-            summary = train_classifier_run(out, MODEL, spec, prefix, train, resume=True, progress=False)
-        finally:
-            classify.HEADS.clear()
-            classify.HEADS.update(saved_heads)
-        model, tokenizer, _ = load_trained_classifier(out)
+        ptask = ClassificationTask(spec, head=system.head)  # None: the architecture's classifier
+        summary = train_run(out, MODEL, ptask, prefix, train, resume=True, progress=False)
+        model, tokenizer, _, _ = load_trained(out)
         result = {"dev": summary["dev"], "trainable_parameters": summary["trainable_parameters"]}
     else:
-        dev_examples, _ = spec.load("dev", labels)
+        dev_examples, labels = reader.read("dev"), reader.labels
         torch.manual_seed(seed)
         model, tokenizer = load_classifier_base(MODEL, len(labels))
         if system.kind == "peft":
@@ -184,8 +182,8 @@ def get(task: str, name: str, seed: int, root: Path, epochs: float, no_run: bool
         result = json.loads(path.read_text())
         if "val" not in result and "error" not in result and task == "sst2" and SYSTEMS[name].kind == "ptuning":
             # runs made before the validation slice existed: score their saved model on it now
-            model, tokenizer, _ = load_trained_classifier(out)
-            examples, _ = ClassifySpec(data=task).load("train")
+            model, tokenizer, _, _ = load_trained(out)
+            examples = ClassificationTask(ClassifySpec(data=task)).read("train")
             result["val"] = validation_metrics(model, tokenizer, task,
                                                shuffled_subset(examples, SIZES[task]["train_limit"], seed))
             atomic_write_text(path, json.dumps(result, indent=2) + "\n")
