@@ -71,7 +71,7 @@ def _prefixes_and_references(name: str, seed: int):
                 expected[i] = out[0, len(prompt):].tolist()
         pm.detach()
     model.requires_grad_(False)
-    return model, dict(collector._prefixes), work, expected
+    return model, {n: collector.prefixes.get(n) for n in collector.prefix_names()}, work, expected
 
 
 def _engine(model, prefixes, config: EngineConfig | None = None) -> Engine:
@@ -91,7 +91,7 @@ def test_mixed_batch_equals_each_request_alone(name, seed):
         got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
                               [w[1] for w in work])
         assert got == expected, config
-        assert engine.stats().running == 0 and engine._cache is None
+        assert engine.stats().running == 0 and engine._shared.cache is None
 
 
 def test_requests_joining_mid_flight_and_alone_agree():

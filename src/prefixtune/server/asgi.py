@@ -1,4 +1,4 @@
-"""ASGI plumbing for ``server.py``: a request-body limit, a response counter, uvicorn in a thread."""
+"""ASGI plumbing for the server: a request-body limit, a response counter, uvicorn in a thread."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""OpenAI-compatible request schemas with bounds, response bodies, and incremental detokenization.
+"""OpenAI-compatible request schemas with bounds, and response bodies.
 
-Pure functions and pydantic models; no HTTP server and no engine here (``server.py`` wires them).
+Pure functions and pydantic models; no HTTP server and no engine here (the routes wire them). Every
+text field must be encodable as UTF-8: a lone surrogate (``"\\ud800"``, which JSON allows) is a 400
+naming the field, not a tokenizer crash.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,6 +17,16 @@ from prefixtune.serving.sampling import SamplingParams
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_MESSAGES = 256
+
+
+def utf8(value: str, field: str) -> str:
+    """``value`` if it is valid Unicode text (no lone surrogates), else ValueError naming ``field``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} holds a lone surrogate {value[exc.start:exc.end]!r} at character {exc.start}; "
+                         "text must be valid Unicode") from None
+    return value
 
 
 class _Body(BaseModel):
@@ -35,11 +46,18 @@ class _Body(BaseModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
+        for stop in stops:
+            utf8(stop, "stop")
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters")
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_text(cls, value: str) -> str:
+        return utf8(value, "model")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -72,6 +90,9 @@ class CompletionRequest(_Body):
             raise ValueError("only one prompt per request is supported")
         if isinstance(value, str) and not value:
             raise ValueError("prompt is empty")
+        for text in [value] if isinstance(value, str) else value:
+            if isinstance(text, str):
+                utf8(text, "prompt")
         return value
 
 
@@ -80,11 +101,21 @@ class ContentPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        return utf8(value, "content")
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
+        return utf8(value, "content") if isinstance(value, str) else value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -139,44 +170,3 @@ def usage_chunk(rid: str, model: str, chat: bool, use: dict[str, int]) -> dict[s
     """The last streamed chunk when ``stream_options.include_usage``: no choices, the usage."""
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [], "usage": use}
-
-
-class TextAssembler:
-    """Token ids → text pieces safe to send, with stop strings.
-
-    The whole output is decoded each time (tokenizers join pieces differently than they decode
-    them one by one); text that may still become a stop string, or ends in an incomplete UTF-8
-    character, is held back until the next token or ``finish``.
-    """
-
-    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stops = list(stops)
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.tokens: list[int] = []
-        self.sent = 0
-        self.text = ""
-        self.stopped = False
-
-    def add(self, token: int) -> str:
-        """Append one token; returns the new text to send (possibly ''). Sets ``stopped``."""
-        self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            self.text = self.text[: min(hits)]
-            return self._take(len(self.text))
-        if self.text.endswith("\ufffd"):
-            return ""
-        return self._take(len(self.text) - self.hold)
-
-    def finish(self) -> str:
-        """Everything not sent yet."""
-        return self._take(len(self.text))
-
-    def _take(self, end: int) -> str:
-        if end <= self.sent:
-            return ""
-        piece, self.sent = self.text[self.sent:end], end
-        return piece

@@ -1,19 +1,34 @@
 """Batched multi-prefix generation over token ids: many prefixes, one frozen model.
 
-The engine knows nothing about tokenization or HTTP: token ids in, token ids out. It holds one
-decoder-only base model, a registry of named prefixes (any lengths), and runs requests with
-continuous batching: waiting requests (a bounded queue) join the running batch between decode
-steps, finished or cancelled ones leave it.
+The engine knows nothing about tokenization or HTTP: token ids in, token ids out. It wires four
+parts (nano-vllm's split): a ``PrefixRegistry`` (validated prefixes, stored once), a ``Scheduler``
+(waiting / running requests, admission; no tensors), ``RunningBatch`` objects (rows with the KV cache
+and mask they share), and sampling. ``step()`` = schedule → run the model (prefill the joiners,
+decode every batch) → postprocess (sample, emit, finish, drop finished rows).
 
 How a mixed batch runs. A prefix is exactly a KV cache of P past tokens (the core's equivalence,
-``tests/test_model.py``), so each row's prefix is placed in the batch's ``DynamicCache`` as P past
-positions, in front of the row's own tokens. One cache holds every running row, left-padded to a
-common length; a (B, L) mask marks each row's real columns (its prefix and its tokens), and each
-new token's position is the count of real columns before it (P_r + tokens so far), exactly where
-``PrefixModel.generate`` puts it. A row therefore attends only to its own prefix and its own tokens,
-and decoding with a prefix costs P more cached columns, nothing per step. Joining requests are
-prefilled together (their prefixes right-aligned in a fresh cache, prompts left-padded) and merged
-into the running cache; the cache surgery lives in ``inject.py``.
+``tests/core/test_model.py``), so each row's prefix is placed in its batch's ``DynamicCache`` as P past
+positions, in front of the row's own tokens. One cache holds every row of a batch, left-padded to a
+common length; a (B, L) mask marks each row's real columns (its prefix and its tokens), and each new
+token's position is the count of real columns before it (P_r + tokens so far), exactly where
+``PrefixModel.generate`` puts it. A row therefore attends only to its own prefix and its own tokens.
+Joining requests are prefilled together (their prefixes right-aligned in a fresh cache, prompts
+left-padded) and merged into the running batch; the cache layout lives in ``core/cache.py``.
+
+What is promised. Greedy rows give exactly the tokens of ``PrefixModel.generate`` alone (the tests
+check it over continuous joins, cancellations and mixed prefix lengths). A request with a ``seed`` is
+prefilled and decoded in a batch of its own (one more forward per step for each such row), so its
+logits, and with its own generator its tokens, are the same whatever else runs: the same prompt,
+prefix, parameters and seed give the same tokens alone or under any load, on the same machine and
+build. Sampled requests without a seed share the batch (their tokens are random anyway).
+
+Failures stay where they happen: a row whose sampling fails finishes with reason "error" alone; a
+failing forward fails the rows of that batch only.
+
+Sliding-window models (``config.sliding_window`` set): served only for requests whose whole context
+(prefix + prompt + max_new_tokens) fits in the window, where sliding-window attention equals full
+attention; such requests are prefilled one at a time so that no padding sits inside a row's columns
+(the window counts cache columns). Longer requests are refused at submit.
 """
 
 from __future__ import annotations
@@ -21,20 +36,25 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from prefixtune.core.cache import cache_from_prefixes, keep_cache_rows, merge_caches
+from prefixtune.core.cache import cache_from_prefixes
 from prefixtune.core.model import PrefixModel
 from prefixtune.core.spec import read_spec
 from prefixtune.errors import QueueFullError, UnknownPrefixError
+from prefixtune.serving.batch import RunningBatch, Sequence
 from prefixtune.serving.generation import EventCallback, FinishReason, Generation
-from prefixtune.serving.sampling import SamplingParams, make_generator, next_tokens
+from prefixtune.serving.registry import PrefixRegistry
+from prefixtune.serving.sampling import SamplingParams, make_generator, sample_row
+from prefixtune.serving.scheduler import Scheduler
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFullError", "UnknownPrefixError"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +67,20 @@ class EngineConfig:
     """Bounds of the engine.
 
     Attributes:
-        max_batch_size: most requests decoded together (rows of the running batch).
+        max_batch_size: most requests decoded together (rows of the running batches).
         max_waiting: most requests waiting to join; ``submit`` raises ``QueueFullError`` beyond it.
         max_prefill_batch: most waiting requests prefilled together when they join.
         max_context: most positions per request (prefix + prompt + new tokens); None: the model's
             ``max_position_embeddings``.
+        max_resident_prefixes: most prefixes kept on the engine's device; the least recently used
+            beyond it go to CPU memory (or, on a CPU engine, back to their folder). None: all resident.
     """
 
     max_batch_size: int = 32
     max_waiting: int = 256
     max_prefill_batch: int = 8
     max_context: int | None = None
+    max_resident_prefixes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_batch"):
@@ -66,16 +89,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 2):
             raise ValueError(f"max_context must be None or an integer >= 2, got {self.max_context!r}")
-
-
-@dataclass(slots=True)
-class _Row:
-    """Engine-private state of a request: its prefix K/V, its generator, its last sampled token."""
-
-    gen: Generation
-    kv: torch.Tensor | None  # (P, layers, 2, kv_heads, head_dim) or None
-    generator: torch.Generator | None
-    pending: int = -1  # sampled but not yet in the cache
+        if self.max_resident_prefixes is not None and (isinstance(self.max_resident_prefixes, bool) or not
+                                                       isinstance(self.max_resident_prefixes, int)
+                                                       or self.max_resident_prefixes < 1):
+            raise ValueError(f"max_resident_prefixes must be None or an integer >= 1, "
+                             f"got {self.max_resident_prefixes!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,23 +105,31 @@ class EngineStats:
     counters: dict[str, int]
 
 
+def sliding_window_of(model: nn.Module) -> int | None:
+    """The model's attention window (None: full attention); ValueError if it cannot be served exactly."""
+    window = getattr(model.config, "sliding_window", None)
+    layer_types = getattr(model.config, "layer_types", None) or ()
+    if window is None and any("sliding" in str(t) for t in layer_types):
+        raise ValueError(f"{type(model).__name__} has sliding-window layers but no sliding_window size")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{type(model).__name__}: config.sliding_window = {window!r} is not a window size")
+    return window
+
+
 class Engine:
     """One frozen decoder-only model serving any number of named prefixes with continuous batching.
 
     ``submit`` (any thread) queues a request and returns its ``Generation``; ``step`` runs one
-    round (admit, prefill, decode); ``start`` runs rounds in a background thread. ``generate`` is
-    the synchronous convenience for lists of requests.
+    round (schedule, prefill, decode, sample); ``start`` runs rounds in a background thread.
+    ``generate`` is the synchronous convenience for lists of requests.
     """
 
     def __init__(self, model: nn.Module, config: EngineConfig | None = None,
-                 eos_token_ids: Sequence[int] | None = None) -> None:
+                 eos_token_ids: Seq[int] | None = None) -> None:
         self.spec = read_spec(model)
         if self.spec.kind != "causal":
             raise ValueError(f"the engine serves decoder-only models; {self.spec.architecture} is {self.spec.kind}")
-        layer_types = getattr(model.config, "layer_types", None) or ()
-        if any("sliding" in str(t) for t in layer_types):
-            raise ValueError(f"{self.spec.architecture} uses sliding-window attention, which would slide the "
-                             "prefix out of view; the engine supports full attention only")
+        self.window = sliding_window_of(model)
         self.model = model.eval()
         self.config = config or EngineConfig()
         param = next(model.parameters())
@@ -114,15 +140,15 @@ class Engine:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_context = self.config.max_context or getattr(model.config, "max_position_embeddings", None) or 2**31
         self._pad_id = 0
-        self._prefixes: dict[str, torch.Tensor | None] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._waiting: deque[_Row] = deque()
-        self._running: list[_Row] = []
-        self._cache = None  # DynamicCache of the running rows, (B, kv_heads, L, head_dim) per layer
-        self._mask: torch.Tensor | None = None  # (B, L) long: 1 = a real column (prefix or token)
+        self.prefixes = PrefixRegistry(model, self.spec, self.device, self.dtype, self.max_context - 1,
+                                       self.config.max_resident_prefixes)
+        self.scheduler = Scheduler(self.config.max_batch_size, self.config.max_waiting,
+                                   1 if self.window is not None else self.config.max_prefill_batch)
+        self._shared = RunningBatch()  # every row that may share a batch
+        self._solo: list[RunningBatch] = []  # one batch per seeded row
         # every key exists from the start, so that stats() can copy the dict while the loop counts
         self._counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
+        self._count_lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -131,54 +157,25 @@ class Engine:
     def add_prefix(self, name: str, source: PrefixModel | str | Path | torch.Tensor) -> int:
         """Register (or replace) prefix ``name``; returns its length P.
 
-        source: a ``PrefixModel`` on this engine's base model, a ``save_pretrained`` folder, or the
-        K/V tensor (P, layers, 2, kv_heads, head_dim).
+        source: a ``PrefixModel`` on this engine's base model, a ``save_pretrained`` folder (checked
+        completely before it is read: ``ConfigError`` naming the folder), or the K/V tensor
+        (P, layers, 2, kv_heads, head_dim).
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"prefix name must be a non-empty string, got {name!r}")
-        if isinstance(source, PrefixModel):
-            if source.base is not self.model:
-                from prefixtune.core.checkpoint import compare_fingerprints, fingerprint
-
-                compare_fingerprints(fingerprint(source.base), fingerprint(self.model), f"prefix {name!r}")
-            kv = source.decoder_kv()
-        elif isinstance(source, str | Path):
-            from prefixtune.core.checkpoint import load_prefix_kv
-
-            kv = load_prefix_kv(source, self.model)
-        else:
-            kv = source
-        stack = self.spec.stack("decoder")
-        expected = (stack.num_layers, 2, stack.num_kv_heads, stack.head_dim)
-        if kv is not None and (kv.ndim != 5 or tuple(kv.shape[1:]) != expected):
-            raise ValueError(f"prefix {name!r}: K/V of shape {tuple(kv.shape)}, expected (P, *{expected})")
-        kv = None if kv is None or kv.shape[0] == 0 else kv.detach().to(self.device, self.dtype).contiguous()
-        with self._lock:
-            self._prefixes[name] = kv
-        return 0 if kv is None else kv.shape[0]
+        return self.prefixes.add(name, source)
 
     def remove_prefix(self, name: str) -> None:
         """Unregister ``name``; requests already submitted keep using it."""
-        with self._lock:
-            if self._prefixes.pop(name, False) is False:
-                raise UnknownPrefixError(f"unknown prefix {name!r}")
+        self.prefixes.remove(name)
 
     def prefix_length(self, name: str | None) -> int:
         """P of prefix ``name`` (0 for None, the base model); UnknownPrefixError if not registered."""
-        if name is None:
-            return 0
-        with self._lock:
-            if name not in self._prefixes:
-                raise UnknownPrefixError(f"unknown prefix {name!r}")
-            kv = self._prefixes[name]
-        return 0 if kv is None else kv.shape[0]
+        return 0 if name is None else self.prefixes.length(name)
 
     def prefix_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._prefixes)
+        return self.prefixes.names()
 
     # ------------------------------------------------------------------ requests
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, prefix: str | None = None,
+    def submit(self, prompt_ids: Seq[int], params: SamplingParams | None = None, prefix: str | None = None,
                request_id: str | None = None, on_event: EventCallback | None = None) -> Generation:
         """Queue a request (thread-safe); ``prefix=None`` runs the base model.
 
@@ -194,31 +191,34 @@ class Engine:
         if bad is not None:
             raise ValueError(f"request {rid}: prompt_ids[{bad}] = {ids[bad]} is outside the vocabulary "
                              f"[0, {self.spec.vocab_size})")
-        with self._wake:
-            if prefix is not None and prefix not in self._prefixes:
-                names = sorted(self._prefixes)
-                raise UnknownPrefixError(f"request {rid}: unknown prefix {prefix!r}; registered: {names[:20]}")
-            kv = self._prefixes.get(prefix) if prefix is not None else None
-            total = (0 if kv is None else kv.shape[0]) + len(ids) + params.max_new_tokens
-            if total > self.max_context:
+        try:
+            kv = None if prefix is None else self.prefixes.get(prefix)
+        except UnknownPrefixError:
+            raise UnknownPrefixError(f"request {rid}: unknown prefix {prefix!r}; "
+                                     f"registered: {self.prefixes.names()[:20]}") from None
+        p = 0 if kv is None else kv.shape[0]
+        total = p + len(ids) + params.max_new_tokens
+        for limit, what in ((self.max_context, "the context"), (self.window, "the sliding window")):
+            if limit is not None and total > limit:
                 raise ValueError(f"request {rid}: prefix + prompt_ids ({total - params.max_new_tokens}) + "
-                                 f"max_new_tokens ({params.max_new_tokens}) = {total} exceeds the context of "
-                                 f"{self.max_context} positions")
-            if len(self._waiting) >= self.config.max_waiting:
-                self._counters["requests_rejected"] += 1
-                raise QueueFullError(f"request {rid}: {len(self._waiting)} requests already waiting "
-                                     f"(max_waiting={self.config.max_waiting})")
-            gen = Generation(rid, ids, params, prefix, on_event)
-            self._waiting.append(_Row(gen, kv, make_generator(params, self.device)))
-            self._counters["requests_submitted"] += 1
-            self._wake.notify()
+                                 f"max_new_tokens ({params.max_new_tokens}) = {total} exceeds {what} of "
+                                 f"{limit} positions")
+        gen = Generation(rid, ids, params, prefix, on_event)
+        seq = Sequence(gen, p, kv, make_generator(params, self.device), solo=params.seed is not None
+                       and not params.greedy)
+        try:
+            self.scheduler.add(seq)
+        except QueueFullError:
+            self._count("requests_rejected")
+            raise
+        self._count("requests_submitted")
         return gen
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None
-                 = None, prefixes: Sequence[str | None] | None = None) -> list[list[int]]:
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 prefixes: Seq[str | None] | None = None) -> list[list[int]]:
         """Run a list of requests to the end (in this thread, or waiting on the running engine thread)."""
         n = len(prompts)
-        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * n
+        plist = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * n
         names = list(prefixes) if prefixes is not None else [None] * n
         if len(plist) != n or len(names) != n:
             raise ValueError(f"generate: {n} prompts, {len(plist)} params, {len(names)} prefixes")
@@ -229,31 +229,30 @@ class Engine:
         return [g.wait() for g in gens]
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            return EngineStats(waiting=len(self._waiting), running=len(self._running),
-                               counters=dict(self._counters))
+        waiting, running = self.scheduler.counts()
+        with self._count_lock:
+            counters = dict(self._counters)
+        return EngineStats(waiting=waiting, running=running, counters=counters)
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
     def step(self) -> bool:
-        """One round: drop cancelled requests, admit and prefill waiting ones, decode one token for
-        every running row. Returns False when there was nothing to do. On an error every running
-        request finishes with reason "error" and the error is raised."""
+        """One round: drop cancelled requests, prefill the joiners, decode one token for every running
+        row, sample. Returns False when there was nothing to do. A failing forward finishes the rows of
+        its batch with reason "error" (logged), never the others'."""
         if self.model.training:  # dropout would make rows depend on the batch
             self.model.eval()
-        try:
-            self._drop_cancelled()
-            joined = self._admit()
-            if self._running:
-                self._decode()
-            return bool(joined or self._running)
-        except Exception as exc:
-            rows, self._running, self._cache, self._mask = self._running, [], None, None
-            for row in rows:
-                if not row.gen.done:
-                    self._counters["requests_error"] += 1
-                    row.gen._finish("error", f"{type(exc).__name__}: {exc}")
-            raise
+        for seq in self.scheduler.cancelled():
+            self._finish(seq, "cancelled")
+        self._cleanup()
+        joiners = self.scheduler.schedule()
+        if joiners:
+            self._prefill(joiners)
+            self._cleanup()  # a request may end on its first token
+        for batch in self._batches():
+            self._guarded(batch.rows, lambda b=batch: self._decode(b))
+        self._cleanup()
+        return bool(joiners) or not self.scheduler.idle()
 
     def start(self) -> None:
         """Run ``step`` in a background thread until ``stop``."""
@@ -265,80 +264,82 @@ class Engine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the background thread and cancel every request still waiting or running."""
-        with self._wake:
+        with self.scheduler.wake:
             self._stopping = True
-            self._wake.notify()
+            self.scheduler.wake.notify()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._lock:
-            rows, self._waiting = [*self._waiting, *self._running], deque()
-        self._running, self._cache, self._mask = [], None, None
-        for row in rows:
-            if not row.gen.done:
-                row.gen._finish("cancelled")
+        self._shared.clear()
+        self._solo = []
+        for seq in self.scheduler.drain():
+            if not seq.gen.done:
+                seq.gen._finish("cancelled")
 
     def _loop(self) -> None:
         while True:
-            with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._wake.wait(timeout=1.0)
+            with self.scheduler.wake:
+                while not self._stopping and not self.scheduler.waiting and not self.scheduler.running:
+                    self.scheduler.wake.wait(timeout=1.0)
                 if self._stopping:
                     return
             try:
                 self.step()
-            except Exception:
-                logger.exception("engine step failed; its requests finished with an error")
+            except Exception:  # step() contains its failures; this is the last guard of the thread
+                logger.exception("engine step failed")
 
     # ------------------------------------------------------------------ internals
-    def _drop_cancelled(self) -> None:
-        with self._lock:
-            cancelled = [r for r in self._waiting if r.gen._cancel.is_set()]
-            if cancelled:
-                self._waiting = deque(r for r in self._waiting if not r.gen._cancel.is_set())
-        for row in cancelled + [r for r in self._running if r.gen._cancel.is_set() and not r.gen.done]:
-            self._finish(row, "cancelled")
-        self._remove_finished()
+    def _batches(self) -> list[RunningBatch]:
+        return [b for b in (self._shared, *self._solo) if len(b)]
 
-    def _admit(self) -> list[_Row]:
-        """Prefill up to ``max_prefill_batch`` waiting requests and merge them into the running batch."""
-        with self._lock:
-            room = min(self.config.max_batch_size - len(self._running), self.config.max_prefill_batch)
-            joiners = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-        if not joiners:
-            return []
-        cache, prefix_mask = cache_from_prefixes([r.kv for r in joiners], self.device, self.dtype)
-        t = max(len(r.gen.prompt_ids) for r in joiners)
-        ids = torch.full((len(joiners), t), self._pad_id, dtype=torch.long, device=self.device)
-        token_mask = torch.zeros(len(joiners), t, dtype=torch.long, device=self.device)
-        for i, row in enumerate(joiners):
-            prompt = row.gen.prompt_ids
+    def _guarded(self, rows: list[Sequence], run: object) -> None:
+        """Run ``run()``; if it raises, finish ``rows`` with reason "error" and take them out."""
+        try:
+            run()  # type: ignore[operator]
+        except Exception as exc:
+            logger.exception("engine: a forward failed; its %d requests finish with an error", len(rows))
+            for seq in rows:
+                if not seq.gen.done:
+                    self._count("requests_error")
+                    seq.gen._finish("error", f"{type(exc).__name__}: {exc}")
+
+    def _prefill(self, joiners: list[Sequence]) -> None:
+        """Prefill the joiners (seeded ones alone; one at a time on a sliding-window model) and add
+        them to their batches."""
+        shared = [s for s in joiners if not s.solo]
+        groups = [[s] for s in joiners if s.solo]
+        groups += [[s] for s in shared] if self.window is not None else [shared] if shared else []
+        for group in groups:
+            solo = group[0].solo
+            target = RunningBatch() if solo else self._shared
+            self._guarded(group, lambda g=group, t=target: self._prefill_group(g, t))
+            if solo and len(target):
+                self._solo.append(target)
+
+    def _prefill_group(self, group: list[Sequence], batch: RunningBatch) -> None:
+        cache, prefix_mask = cache_from_prefixes([s.kv for s in group], self.device, self.dtype)
+        t = max(len(s.gen.prompt_ids) for s in group)
+        ids = torch.full((len(group), t), self._pad_id, dtype=torch.long, device=self.device)
+        token_mask = torch.zeros(len(group), t, dtype=torch.long, device=self.device)
+        for i, seq in enumerate(group):
+            prompt = seq.gen.prompt_ids
             ids[i, t - len(prompt):] = torch.tensor(prompt, device=self.device)
             token_mask[i, t - len(prompt):] = 1
-            self._counters["prompt_tokens"] += len(prompt)
         mask = torch.cat([prefix_mask, token_mask], dim=1)  # (G, P_max + T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]  # P_r + index among the row's tokens
         logits = self._forward(ids, mask, positions, cache)
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
-        else:
-            self._cache = merge_caches(self._cache, cache)
-            length = max(self._mask.shape[1], mask.shape[1])
-            self._mask = torch.cat([_left_pad(self._mask, length), _left_pad(mask, length)], dim=0)
-        self._running.extend(joiners)
-        self._sample(joiners, logits)
-        return joiners
+        self._count("prompt_tokens", sum(len(s.gen.prompt_ids) for s in group))
+        batch.join(group, cache, mask)
+        self._sample(group, logits)
 
-    def _decode(self) -> None:
-        """Feed every running row its pending token: one (B, 1) forward over the shared cache."""
-        ids = torch.tensor([[r.pending] for r in self._running], dtype=torch.long, device=self.device)
-        positions = self._mask.sum(-1, keepdim=True)  # (B, 1): real columns before the new token
-        mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
-        logits = self._forward(ids, mask, positions, self._cache)
-        self._mask = mask
-        self._counters["steps"] += 1
-        self._counters["decoded_rows"] += len(self._running)
-        self._sample(self._running, logits)
+    def _decode(self, batch: RunningBatch) -> None:
+        """Feed every row of ``batch`` its pending token: one (B, 1) forward over its cache."""
+        ids, positions, mask = batch.decode_inputs()
+        logits = self._forward(ids, mask, positions, batch.cache)
+        batch.decoded(mask)
+        self._count("steps")
+        self._count("decoded_rows", len(batch))
+        self._sample(batch.rows, logits)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object) -> torch.Tensor:
         """ids, positions (B, T); mask (B, cached + T). Returns the last position's logits (B, V) float32."""
@@ -346,40 +347,40 @@ class Engine:
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token (logits (len(rows), V)), emit it, finish rows that are done."""
-        tokens = next_tokens(logits, [r.gen.params for r in rows], [r.generator for r in rows])
-        for row, token in zip(rows, tokens, strict=True):
-            row.pending = token
-            row.gen._emit(token)
-            self._counters["generated_tokens"] += 1
-            params = row.gen.params
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose each row's next token (logits (len(rows), V)), emit it, finish rows that are done.
+        A row whose sampling fails finishes with reason "error"; its neighbours go on."""
+        greedy = logits.argmax(-1).tolist()
+        for r, seq in enumerate(rows):
+            params = seq.gen.params
+            try:
+                token = greedy[r] if params.greedy else sample_row(logits[r], params, seq.generator)
+            except Exception as exc:
+                logger.warning("request %s: sampling failed: %s", seq.gen.request_id, exc)
+                self._count("requests_error")
+                seq.gen._finish("error", f"sampling failed: {type(exc).__name__}: {exc}")
+                continue
+            seq.pending = token
+            seq.gen._emit(token)
+            self._count("generated_tokens")
             if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-                self._finish(row, "stop")
-            elif len(row.gen.tokens) >= params.max_new_tokens:
-                self._finish(row, "length")
-        self._remove_finished()
+                self._finish(seq, "stop")
+            elif len(seq.gen.tokens) >= params.max_new_tokens:
+                self._finish(seq, "length")
 
-    def _finish(self, row: _Row, reason: FinishReason) -> None:
-        self._counters[f"requests_{reason}"] += 1
-        row.gen._finish(reason)
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if reason == "cancelled" and seq.gen._cancel_reason == "stop":
+            reason = "stop"  # the client found a stop string: a normal end, not a cancellation
+        self._count(f"requests_{reason}")
+        seq.gen._finish(reason)
 
-    def _remove_finished(self) -> None:
-        """Take finished rows out of the batch, its cache and mask; drop columns left all padding."""
-        keep = [i for i, r in enumerate(self._running) if not r.gen.done]
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        rows = torch.tensor(keep, dtype=torch.long, device=self.device)
-        mask = self._mask[rows]
-        drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns that are padding everywhere
-        self._mask = mask[:, drop:]
-        keep_cache_rows(self._cache, rows, drop)
+    def _cleanup(self) -> None:
+        """Take finished rows out of their batches and the scheduler; forget empty solo batches."""
+        for batch in self._batches():
+            batch.drop_finished()
+        self._solo = [b for b in self._solo if len(b)]
+        self.scheduler.release()
 
-
-def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, L) → (B, length) with zeros in front."""
-    return torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._count_lock:
+            self._counters[key] += n

@@ -30,14 +30,20 @@ class Generation:
         self.error: str | None = None
         self._on_event = on_event
         self._cancel = threading.Event()
+        self._cancel_reason: FinishReason = "cancelled"
         self._done = threading.Event()
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
 
-    def cancel(self) -> None:
-        """Ask the engine to stop this request; it leaves the batch before the next step."""
+    def cancel(self, reason: Literal["cancelled", "stop"] = "cancelled") -> None:
+        """Ask the engine to stop this request; it leaves the batch before the next step.
+
+        reason "stop": the caller found a stop string in the text, so the request ends normally
+        (finish reason and counters say "stop"); "cancelled": the client went away."""
+        if not self._cancel.is_set():
+            self._cancel_reason = reason
         self._cancel.set()
 
     def wait(self, timeout: float | None = None) -> list[int]:

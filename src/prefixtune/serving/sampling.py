@@ -1,14 +1,19 @@
 """Per-request sampling parameters and next-token choice, independent of the rest of the batch.
 
 Each sampled request owns a ``torch.Generator`` seeded from its ``seed``; its row of logits is
-filtered and sampled on its own, so the tokens it gets depend only on its logits and its seed,
-never on which other requests share the batch.
+filtered and sampled on its own, so the tokens it gets depend only on its logits and its seed. (The
+engine computes a seeded request's logits in a forward of its own, so that they, too, do not depend
+on the batch: see ``engine.py``.)
+
+Sampling is done in float64 with the maximum subtracted before dividing by the temperature, so any
+temperature in (0, 100] and any top_p in (0, 1] give a valid distribution: a temperature so small
+that the scaled logits overflow float32 (1e-40) becomes argmax among the tied maxima, and the most
+likely token always survives top-p.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,21 +73,14 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     """One token id from one row of logits (V,): argmax when greedy, else temperature + top-p sampling."""
     if params.greedy:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.double()
+    scaled = (scaled - scaled.max()) / params.temperature  # <= 0 everywhere, 0 at the maxima: never inf - inf
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+        sorted_probs, order = probs.sort(descending=True, stable=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        drop = before >= params.top_p
+        drop[0] = False  # the most likely token always stays, however small top_p is
+        choice = torch.multinomial(sorted_probs.masked_fill(drop, 0.0), 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def next_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> list[int]:
-    """Each row's next token; logits (B, V). Greedy rows take one batched argmax; sampled rows are
-    filtered and drawn one by one with their own generator."""
-    greedy = logits.argmax(-1).tolist()
-    return [greedy[r] if p.greedy else sample_row(logits[r], p, g)
-            for r, (p, g) in enumerate(zip(params, generators, strict=True))]

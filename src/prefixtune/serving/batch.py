@@ -1,0 +1,94 @@
+"""A running batch: the requests decoded together and the one KV cache and mask they share.
+
+The rows, the cache and the (B, L) mask change together (a row joins, decodes a token, leaves), so
+one object owns all three and every change goes through its methods. Layout (``core/cache.py``): one
+``DynamicCache`` left-padded to a common length L; row r's real columns (its prefix, then its tokens)
+have mask 1, and its next token's position is the count of its real columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefixtune.core.cache import keep_cache_rows, merge_caches
+from prefixtune.serving.generation import Generation
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Engine-private state of one request: its prefix K/V, its generator, its last sampled token.
+
+    ``solo`` requests (seeded sampling) are computed in a batch of their own, so that their logits,
+    and therefore their tokens, do not depend on which other requests are running."""
+
+    gen: Generation
+    prefix_length: int
+    kv: torch.Tensor | None  # (P, layers, 2, kv_heads, head_dim), the registry's tensor, or None
+    generator: torch.Generator | None
+    solo: bool = False
+    pending: int = -1  # sampled but not yet in the cache
+
+
+class RunningBatch:
+    """Rows decoding together; owns their cache ((B, kv_heads, L, head_dim) per layer) and mask (B, L)."""
+
+    def __init__(self) -> None:
+        self.rows: list[Sequence] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        """L, the cached columns (0 when empty)."""
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def join(self, rows: list[Sequence], cache: object, mask: torch.Tensor) -> None:
+        """Add prefilled ``rows`` with their cache and (R, L_r) mask (left-padded to a common length)."""
+        if self.cache is None:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        self.cache = merge_caches(self.cache, cache)
+        length = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)], dim=0)
+        self.rows.extend(rows)
+
+    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids (B, 1), positions (B, 1), mask (B, L + 1)) feeding every row its pending token."""
+        device = self.mask.device
+        ids = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=device)
+        positions = self.mask.sum(-1, keepdim=True)  # real columns before the new token
+        return ids, positions, torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+
+    def decoded(self, mask: torch.Tensor) -> None:
+        """The forward appended one column to the cache; the mask follows."""
+        self.mask = mask
+
+    def drop_finished(self) -> None:
+        """Take finished rows out of the rows, the cache and the mask; drop columns left all padding."""
+        keep = [i for i, r in enumerate(self.rows) if not r.gen.done]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.clear()
+            return
+        self.rows = [self.rows[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns that are padding everywhere
+        self.mask = mask[:, drop:]
+        keep_cache_rows(self.cache, index, drop)
+
+    def clear(self) -> list[Sequence]:
+        """Empty the batch; returns the rows it held."""
+        rows, self.rows, self.cache, self.mask = self.rows, [], None, None
+        return rows
+
+
+def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L) → (B, length) with zeros in front."""
+    return torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
