@@ -71,7 +71,7 @@ async def _tokenize(encode: Any, field: str) -> list[int]:
 def _prefix_of(state: ServerState, model: str) -> str | None:
     if model == state.config.model_name:
         return None
-    if model not in state.engine.prefix_names():
+    if model not in state.engine.prefixes:  # O(1), however many prefixes are registered
         raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists them", param="model",
                        code="model_not_found")
     return model
