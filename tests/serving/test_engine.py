@@ -83,9 +83,11 @@ def _engine(model, prefixes, config: EngineConfig | None = None) -> Engine:
 
 @pytest.mark.parametrize(("name", "seed"), [("llama", 0), ("llama", 1), ("llama", 2), ("qwen3", 0), ("gpt2", 0)])
 def test_mixed_batch_equals_each_request_alone(name, seed):
-    """One prefill of everything, then continuous batching (3 rows, joining 2 at a time)."""
+    """Prefill of everything (in length groups, or one left-padded group), then continuous batching (3 rows,
+    joining 2 at a time)."""
     model, prefixes, work, expected = _prefixes_and_references(name, seed)
     for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16),
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, max_prefill_padding=1e9),  # one padded group
                    EngineConfig(max_batch_size=3, max_prefill_batch=2)):
         engine = _engine(model, prefixes, config)
         got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
@@ -278,3 +280,25 @@ def test_cache_surgery_pads_on_the_left_merges_and_keeps_rows():
     assert torch.equal(merged.layers[1].values[0], b[:, 1, 1].transpose(0, 1))
     empty, none_mask = cache_from_prefixes([None, None], torch.device("cpu"), torch.float32)
     assert cache_length(empty) == 0 and none_mask.shape == (2, 0)
+
+
+def test_prefill_groups_prompts_of_similar_length_so_padding_stays_within_the_bound():
+    model = _model("llama", 0)
+    shapes: list[tuple[int, int]] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    lengths = [2, 40, 2, 11, 3, 10, 39, 40]
+    prompts = [list(range(5, 5 + n)) for n in lengths]
+    try:
+        padded = Engine(model, EngineConfig(max_prefill_padding=1e9)).generate(prompts,
+                                                                               SamplingParams(max_new_tokens=3))
+        one_group = list(shapes)
+        shapes.clear()
+        grouped = Engine(model).generate(prompts, SamplingParams(max_new_tokens=3))
+    finally:
+        handle.remove()
+    assert grouped == padded  # the grouping changes the cost, not the tokens
+    assert one_group[0] == (8, 40)
+    prefill = [s for s in shapes if s[1] > 1]
+    assert sorted(prefill) == [(1, 3), (2, 2), (2, 11), (3, 40)]  # 2+2 | 3 | 10+11 | 39+40+40
+    assert sum(b * t for b, t in prefill) <= 1.05 * sum(lengths)

@@ -74,6 +74,10 @@ class EngineConfig:
             ``max_position_embeddings``.
         max_resident_prefixes: most prefixes kept on the engine's device; the least recently used
             beyond it go to CPU memory (or, on a CPU engine, back to their folder). None: all resident.
+        max_prefill_padding: joiners are prefilled in groups of similar prompt length, each left-padded
+            to its longest prompt, with at most this much padding per real prompt token (0.05: a prefill
+            costs at most 5% more than the sum of its prompts' lengths); a larger value joins more
+            requests per forward.
     """
 
     max_batch_size: int = 32
@@ -81,6 +85,7 @@ class EngineConfig:
     max_prefill_batch: int = 8
     max_context: int | None = None
     max_resident_prefixes: int | None = None
+    max_prefill_padding: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_batch"):
@@ -94,6 +99,9 @@ class EngineConfig:
                                                        or self.max_resident_prefixes < 1):
             raise ValueError(f"max_resident_prefixes must be None or an integer >= 1, "
                              f"got {self.max_resident_prefixes!r}")
+        if isinstance(self.max_prefill_padding, bool) or not isinstance(self.max_prefill_padding, int | float) \
+                or not self.max_prefill_padding >= 0:
+            raise ValueError(f"max_prefill_padding must be a number >= 0, got {self.max_prefill_padding!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,13 +316,28 @@ class Engine:
         them to their batches."""
         shared = [s for s in joiners if not s.solo]
         groups = [[s] for s in joiners if s.solo]
-        groups += [[s] for s in shared] if self.window is not None else [shared] if shared else []
+        groups += [[s] for s in shared] if self.window is not None else self._length_groups(shared)
         for group in groups:
             solo = group[0].solo
             target = RunningBatch() if solo else self._shared
             self._guarded(group, lambda g=group, t=target: self._prefill_group(g, t))
             if solo and len(target):
                 self._solo.append(target)
+
+    def _length_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """``seqs`` in groups of similar prompt length: shortest first, a group grows while its padding
+        (rows × longest prompt - its tokens) stays within ``max_prefill_padding`` of its tokens."""
+        groups: list[list[Sequence]] = []
+        tokens = 0  # real prompt tokens of the last group
+        for seq in sorted(seqs, key=lambda s: len(s.gen.prompt_ids)):
+            n = len(seq.gen.prompt_ids)  # the longest so far (sorted)
+            if groups and (len(groups[-1]) + 1) * n - (tokens + n) <= self.config.max_prefill_padding * (tokens + n):
+                groups[-1].append(seq)
+                tokens += n
+            else:
+                groups.append([seq])
+                tokens = n
+        return groups
 
     def _prefill_group(self, group: list[Sequence], batch: RunningBatch) -> None:
         cache, prefix_mask = cache_from_prefixes([s.kv for s in group], self.device, self.dtype)
