@@ -111,13 +111,16 @@ def add_fields(group: Any, cls: type, section: str, skip: Sequence[str] = (),
         flag, shown = flag_of(cls, f.name), (defaults or {}).get(f.name, repr(f.default))
         text = helps.get(f.name, "")
         common = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS}
+        metavar = {"metavar": f.name.upper()}
         if hints[f.name] is bool:
             negated = f.default is True
             flag = "--no-" + flag[2:] if negated else flag
+            text = f"{f.name} = False ({text})" if negated else text
             group.add_argument(flag, action="store_false" if negated else "store_true", help=text, **common)
             continue
         convert, choices = _converter(hints[f.name], flag)
-        group.add_argument(flag, type=convert, choices=choices, help=f"{text} (default: {shown})".strip(), **common)
+        group.add_argument(flag, type=convert, choices=choices, help=f"{text} (default: {shown})".strip(),
+                           **common, **({} if choices else metavar))
 
 
 def given(args: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -157,7 +160,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                         "(default for classify), a local HF folder, or a hub id")
     p.add_argument("--out", default=argparse.SUPPRESS, help="run directory (log, checkpoints, best/); required")
     g = p.add_argument_group("data (generate: DataSpec; classify: ClassifySpec)")
-    shared = {f.name: f"generate {f.default!r}; classify {c.default!r}"
+    shared = {f.name: f"generate {f.default!r}; classify {c.default!r}" if f.default != c.default else repr(f.default)
               for f in dataclasses.fields(DataSpec) for c in dataclasses.fields(ClassifySpec) if f.name == c.name}
     add_fields(g, DataSpec, "data", defaults=shared)
     add_fields(g, ClassifySpec, "cdata", skip=[*shared, "text_field"])
@@ -258,7 +261,9 @@ def train_settings(a: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{flag_of(DataSpec, name)}: does not apply to --task {kind}")
     configs = {}
     for section, cls in (("data", spec_cls), ("prefix", PrefixConfig), ("train", TrainConfig)):
-        values = dict(file.get(section) or {}) | (flags if section == "data" else given(a, section))
+        values = file.get(section) or {}
+        if isinstance(values, dict):  # else dataclass_from_dict names the section that is not a mapping
+            values = values | (flags if section == "data" else given(a, section))
         configs[section] = dataclass_from_dict(cls, values, f"{where}: section {section!r}")
     return {"out_dir": top["out"], "model_name": top.get("model", DEFAULT_MODELS[kind]),
             "task": task_cls(configs["data"]), "prefix": configs["prefix"], "train": configs["train"],

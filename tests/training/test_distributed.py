@@ -74,14 +74,15 @@ def setup(tmp_path_factory):
     return root, ["--model", model, "--data", str(data)]
 
 
-def _torchrun(*args: str, script: Path | None = None, log_dir: Path | None = None) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, script: Path | None = None, log_dir: Path | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
     """Two gloo ranks on this machine, running ``python -m prefixtune ARGS`` (or ``script ARGS``); with
     ``log_dir``, each rank's stdout and stderr go to files there instead."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
     cmd += [str(script), *args] if script else ["-m", "prefixtune", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _train(setup, out: Path, *extra: str) -> list[str]:
@@ -229,3 +230,36 @@ def test_shares_and_accumulation_windows():
     assert _accumulation_window(0, 3, 2) == [(0, 0), (0, 1)]
     assert _accumulation_window(2, 3, 2) == [(0, 2)]
     assert _accumulation_window(3, 3, 2) == [(1, 0), (1, 1)]
+
+
+RANK_0_FAILS = textwrap.dedent(
+    """
+    import sys
+    from prefixtune.training import distributed
+
+    class Unpicklable(Exception):  # two required arguments: pickle cannot rebuild it on another rank
+        def __init__(self, what, where):
+            super().__init__(f"{what} at {where}")
+
+    def fail():
+        raise Unpicklable("disk full", sys.argv[1])
+
+    distributed.init_from_env()
+    try:
+        distributed.on_main(fail)
+    except Exception as exc:
+        print(f"rank {distributed.rank()}: {type(exc).__name__}: {exc}", flush=True)
+    distributed.barrier()  # both ranks got here: none waits at the broadcast
+    distributed.close()
+    """
+)
+
+
+def test_any_error_of_rank_0_reaches_every_rank_with_its_type_and_message(tmp_path):
+    script = tmp_path / "rank_0_fails.py"
+    script.write_text(RANK_0_FAILS)
+    proc = _torchrun("/runs/x", script=script, log_dir=tmp_path / "logs", timeout=120)  # before: waited for ever
+    streams = {int(f.parent.name): f.read_text() for f in (tmp_path / "logs").glob("**/[01]/stdout.log")}
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert streams[0].strip() == "rank 0: Unpicklable: disk full at /runs/x"
+    assert streams[1].strip() == "rank 1: RankFailedError: rank 0 failed with Unpicklable: disk full at /runs/x"

@@ -63,9 +63,9 @@ class ClassifySpec:
         split: the training split.
         dev_split: split for the dev metrics ('none' to skip).
         train_limit: first N training examples after a seeded shuffle ('none': all).
-        text_field: text column of a file (default: text).
+        text_field: text column of a file (None: 'text').
         text_pair_field: second text column of a file, if any.
-        label_field: label column of a file (default: label).
+        label_field: label column of a file (None: 'label').
         max_length: longest input in tokens (longer is truncated).
     """
 

@@ -35,8 +35,8 @@ class DataSpec:
         dev_split: split for the dev loss ('none' to skip).
         dev_limit: dev examples for the dev loss (a seeded subset; 'none': all).
         train_limit: first N training examples after a seeded shuffle ('none': all).
-        source_field: source column/key of a .jsonl/.csv/hf: dataset (default: source).
-        target_field: target column/key of a .jsonl/.csv/hf: dataset (default: target).
+        source_field: source column/key of a .jsonl/.csv/hf: dataset (None: 'source').
+        target_field: target column/key of a .jsonl/.csv/hf: dataset (None: 'target').
         max_length: longest training sequence in tokens.
         on_too_long: what to do with a longer example (truncate cuts the source; both are reported).
         separator: text between source and target.

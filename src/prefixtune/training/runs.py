@@ -113,13 +113,9 @@ class RunRecord:
         raw = dict(raw)
         task = raw.get("task", "generate")
         spec_cls = ClassifySpec if task == "classify" else DataSpec
-        for key, sub in (("data", spec_cls), ("train", TrainConfig)):
+        for key, sub in (("data", spec_cls), ("prefix", PrefixConfig), ("train", TrainConfig)):
             if key in raw:
                 raw[key] = dataclass_from_dict(sub, raw[key], f"{where}: field {key!r}")
-        if "prefix" in raw:
-            if not isinstance(raw["prefix"], dict):
-                raise ConfigError(f"{where}: field 'prefix': expected a mapping")
-            raw["prefix"] = PrefixConfig.from_dict(raw["prefix"], f"{where}: field 'prefix'")
         if raw.get("labels") is not None:
             raw["labels"] = tuple(raw["labels"])
         return dataclass_from_dict(cls, raw, where)
