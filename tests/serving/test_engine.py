@@ -88,7 +88,9 @@ def test_mixed_batch_equals_each_request_alone(name, seed):
     model, prefixes, work, expected = _prefixes_and_references(name, seed)
     for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16),
                    EngineConfig(max_batch_size=16, max_prefill_batch=16, max_prefill_padding=1e9),  # one padded group
-                   EngineConfig(max_batch_size=3, max_prefill_batch=2)):
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2),
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, kv_cache="dynamic"),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="dynamic")):
         engine = _engine(model, prefixes, config)
         got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
                               [w[1] for w in work])
@@ -96,9 +98,10 @@ def test_mixed_batch_equals_each_request_alone(name, seed):
         assert engine.stats().running == 0 and engine._shared.cache is None
 
 
-def test_requests_joining_mid_flight_and_alone_agree():
+@pytest.mark.parametrize("layout", ["preallocated", "dynamic"])
+def test_requests_joining_mid_flight_and_alone_agree(layout):
     model, prefixes, work, expected = _prefixes_and_references("llama", 3)
-    engine = _engine(model, prefixes, EngineConfig(max_batch_size=4, max_prefill_batch=1))
+    engine = _engine(model, prefixes, EngineConfig(max_batch_size=4, max_prefill_batch=1, kv_cache=layout))
     gens = []
     for prompt, prefix, new in work:  # one new request before every step: the batch changes each step
         gens.append(engine.submit(prompt, SamplingParams(max_new_tokens=new), prefix))
@@ -302,3 +305,26 @@ def test_prefill_groups_prompts_of_similar_length_so_padding_stays_within_the_bo
     prefill = [s for s in shapes if s[1] > 1]
     assert sorted(prefill) == [(1, 3), (2, 2), (2, 11), (3, 40)]  # 2+2 | 3 | 10+11 | 39+40+40
     assert sum(b * t for b, t in prefill) <= 1.05 * sum(lengths)
+
+
+def test_preallocated_cache_writes_new_tokens_in_place_and_holds_what_a_dynamic_cache_holds():
+    from transformers import DynamicCache
+
+    from prefixtune.core.cache import PreallocatedCache, keep_cache_rows, merge_caches
+
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(3, 2, t, 4, generator=g) for t in (5, 1, 1, 1)]
+    caches = [DynamicCache(), PreallocatedCache()]
+    for cache in caches:
+        for step in steps:
+            cache.update(step, -step, 0)
+    dynamic, pre = caches
+    layer = pre.layers[0]
+    assert torch.equal(layer.keys, dynamic.layers[0].keys) and torch.equal(layer.values, dynamic.layers[0].values)
+    pointer = layer.keys.data_ptr()
+    pre.update(torch.randn(3, 2, 1, 4, generator=g), torch.zeros(3, 2, 1, 4), 0)
+    assert layer.keys.data_ptr() == pointer and layer.keys.shape == (3, 2, 9, 4)  # no copy of the cache
+    keep_cache_rows(pre, torch.tensor([0, 2]), drop_left=1)
+    assert isinstance(pre.layers[0], type(layer)) and pre.layers[0].keys.shape == (2, 2, 8, 4)
+    merged = merge_caches(pre, pre)
+    assert isinstance(merged, PreallocatedCache) and merged.layers[0].keys.shape == (4, 2, 8, 4)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prefixtune.core.cache import cache_from_prefixes
+from prefixtune.core.cache import LAYOUTS, Layout, cache_from_prefixes
 from prefixtune.core.model import PrefixModel
 from prefixtune.core.spec import read_spec
 from prefixtune.errors import QueueFullError, UnknownPrefixError
@@ -78,6 +78,8 @@ class EngineConfig:
             to its longest prompt, with at most this much padding per real prompt token (0.05: a prefill
             costs at most 5% more than the sum of its prompts' lengths); a larger value joins more
             requests per forward.
+        kv_cache: the cache layout (``core/cache.py``): "preallocated" writes each new token's K/V in
+            place (no per-step copy of the cache); "dynamic" is transformers' ``DynamicCache``.
     """
 
     max_batch_size: int = 32
@@ -86,6 +88,7 @@ class EngineConfig:
     max_context: int | None = None
     max_resident_prefixes: int | None = None
     max_prefill_padding: float = 0.05
+    kv_cache: Layout = "preallocated"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_batch"):
@@ -102,6 +105,8 @@ class EngineConfig:
         if isinstance(self.max_prefill_padding, bool) or not isinstance(self.max_prefill_padding, int | float) \
                 or not self.max_prefill_padding >= 0:
             raise ValueError(f"max_prefill_padding must be a number >= 0, got {self.max_prefill_padding!r}")
+        if self.kv_cache not in LAYOUTS:
+            raise ValueError(f"kv_cache must be one of {LAYOUTS}, got {self.kv_cache!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +345,8 @@ class Engine:
         return groups
 
     def _prefill_group(self, group: list[Sequence], batch: RunningBatch) -> None:
-        cache, prefix_mask = cache_from_prefixes([s.kv for s in group], self.device, self.dtype)
+        cache, prefix_mask = cache_from_prefixes([s.kv for s in group], self.device, self.dtype,
+                                                 self.config.kv_cache)
         t = max(len(s.gen.prompt_ids) for s in group)
         ids = torch.full((len(group), t), self._pad_id, dtype=torch.long, device=self.device)
         token_mask = torch.zeros(len(group), t, dtype=torch.long, device=self.device)
