@@ -50,7 +50,8 @@ def test_every_command_has_help(command, capsys):
     assert "usage: prefixtune " + command in capsys.readouterr().out
 
 
-def test_train_eval_generate_score(tiny_dir, jsonl, tmp_path, capsys):
+def test_train_eval_generate_score_on_a_tiny_model_refusing_overwrite_and_changed_resume(
+        tiny_dir, jsonl, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_train_args(tiny_dir, jsonl, out)) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -114,7 +115,7 @@ def _tiny_bert_dir(path):
     return str(path)
 
 
-def test_classify_train_and_eval(tmp_path, capsys):
+def test_classify_train_then_eval_reproduces_the_dev_accuracy(tmp_path, capsys):
     model_dir = _tiny_bert_dir(tmp_path)
     rows = [("a good film", "pos"), ("a great plot", "pos"), ("the awful film", "neg"), ("a bad plot", "neg")] * 4
     data = tmp_path / "toy.tsv"

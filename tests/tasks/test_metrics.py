@@ -72,19 +72,19 @@ SYSTEMS = ["template_test.txt", "human_dev.txt"]
 
 @pytest.mark.parametrize("system", SYSTEMS)
 @pytest.mark.parametrize("metric", ["BLEU", "NIST", "ROUGE_L", "CIDEr"])
-def test_matches_official_e2e_script(system_scores: dict, system: str, metric: str) -> None:
+def test_e2e_metrics_match_the_official_e2e_script(system_scores: dict, system: str, metric: str) -> None:
     official = _official_scores()[system]["scores"][metric]
     assert system_scores[system][metric] == pytest.approx(official, abs=TOLERANCE[metric])
 
 
 @pytest.mark.skipif(JAVA is None, reason=NO_JAVA_REASON)
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_meteor_matches_official_e2e_script(system_scores: dict, system: str) -> None:
+def test_meteor_matches_the_official_e2e_script(system_scores: dict, system: str) -> None:
     official = _official_scores()[system]["scores"]["METEOR"]
     assert system_scores[system]["METEOR"] == pytest.approx(official, abs=TOLERANCE["METEOR"])
 
 
-def test_official_reference_files_have_expected_shape() -> None:
+def test_official_reference_files_have_the_published_group_counts() -> None:
     _official_scores()
     sources, groups = read_reference_groups_csv(DATA_ROOT / "e2e" / "test.csv")
     assert len(sources) == len(groups) == 630
@@ -104,13 +104,13 @@ def _nist(prediction: str, references: list[str]) -> float:
     return mteval_nist([mteval_tokenize(prediction)], [[mteval_tokenize(ref) for ref in references]])
 
 
-def test_bleu_identical_is_one() -> None:
+def test_bleu_of_an_output_identical_to_its_reference_is_one() -> None:
     assert _bleu("The cat sat on the mat.", ["the cat sat on the mat ."]) == pytest.approx(1.0)
     # fewer than 4 tokens: mteval counts an n-gram order the output lacks as precision 1
     assert _bleu("the cat", ["the cat"]) == pytest.approx(1.0)
 
 
-def test_bleu_by_hand() -> None:
+def test_mteval_bleu_equals_a_hand_computed_value() -> None:
     # precisions 5/6, 3/5, 1/4 and, smoothed, 1/(2*3); same length, so no brevity penalty
     expected = (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25
     assert _bleu("the cat sat on the mat", ["the cat is on the mat", "a dog"]) == pytest.approx(expected)
@@ -118,14 +118,14 @@ def test_bleu_by_hand() -> None:
     assert _bleu("the cat", ["the cat sat on the mat"]) == pytest.approx(math.exp(-2))
 
 
-def test_nist_by_hand() -> None:
+def test_mteval_nist_equals_a_hand_computed_value() -> None:
     # info(a) = info(b) = log2(3 words / 1); the bigram "a b" carries log2(1/1) = 0.
     # Output is 2/3 of the reference length, where NIST's length penalty is 0.5 by definition.
     assert _nist("a b", ["a b c"]) == pytest.approx(0.5 * math.log2(3))
     assert _nist("a b", ["a b"]) == pytest.approx(1.0)
 
 
-def test_e2e_metrics_identical_outputs() -> None:
+def test_e2e_metrics_of_the_references_themselves_are_perfect() -> None:
     refs = [["The Eagle is a pub near Burger King."], ["Zizzi is cheap and family-friendly."]]
     scores = e2e_metrics([group[0] for group in refs], refs, include_meteor=False)
     assert list(scores) == ["BLEU", "NIST", "ROUGE_L", "CIDEr"]
@@ -134,7 +134,7 @@ def test_e2e_metrics_identical_outputs() -> None:
     assert scores["CIDEr"] > 0
 
 
-def test_e2e_metrics_empty_prediction(meteor_scorer: MeteorScorer | None) -> None:
+def test_an_empty_prediction_gives_finite_scores(meteor_scorer: MeteorScorer | None) -> None:
     refs = [["The Eagle is a pub."], ["Zizzi is a cheap pub near the river."]]
     predictions = ["", "Zizzi is a cheap pub."]
     use_meteor = meteor_scorer is not None
@@ -145,7 +145,7 @@ def test_e2e_metrics_empty_prediction(meteor_scorer: MeteorScorer | None) -> Non
         assert 0 < scores["METEOR"] < 1
 
 
-def test_e2e_metrics_mismatched_lengths() -> None:
+def test_mismatched_prediction_and_reference_counts_are_an_error() -> None:
     with pytest.raises(ValueError, match="got 1 predictions but 2 reference groups"):
         e2e_metrics(["a"], [["a"], ["b"]], include_meteor=False)
 
@@ -167,7 +167,7 @@ def test_meteor_without_java_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> N
         MeteorScorer(java="/nonexistent/bin/java")
 
 
-def test_sacrebleu_bleu_and_ter() -> None:
+def test_bleu_and_ter_are_perfect_for_a_matching_output_and_low_for_unrelated_words() -> None:
     preds = ["The Eagle is a pub near Burger King in the city centre."]
     refs = [["The Eagle is a pub near Burger King in the city centre.", "Another one."]]
     assert metrics.bleu(preds, refs) == pytest.approx(100.0)
@@ -175,7 +175,7 @@ def test_sacrebleu_bleu_and_ter() -> None:
     assert metrics.bleu(["Totally different words here today ."], refs) < 10
 
 
-def test_tokenizers() -> None:
+def test_mteval_and_ptb_tokenizers_split_as_the_official_tools_do() -> None:
     assert mteval_tokenize("Blue Spice, £20-25. É") == ["blue", "spice", ",", "£20", "-", "25", ".", "É"]
     text = "Prices are £20-£25, it's kid-friendly (near Mr. Smith)... city center., Yes"
     assert ptb_tokenize(text) == [
@@ -189,7 +189,7 @@ def test_tokenizers() -> None:
     assert ptb_tokenize("") == []
 
 
-def test_read_reference_groups_csv(tmp_path: Path) -> None:
+def test_csv_references_group_consecutive_rows_of_one_source(tmp_path: Path) -> None:
     path = tmp_path / "refs.csv"
     path.write_text(
         'mr,ref\nA,"first, a"\nA,"second\na"\nB,only b\nA,a again\n',
@@ -200,7 +200,7 @@ def test_read_reference_groups_csv(tmp_path: Path) -> None:
     assert groups == [["first, a", "second a"], ["only b"], ["a again"]]
 
 
-def test_read_reference_groups_txt(tmp_path: Path) -> None:
+def test_txt_references_group_by_blank_lines(tmp_path: Path) -> None:
     grouped = tmp_path / "grouped.txt"
     grouped.write_text("a1\na2\n\n\nb1\n\nc1\nc2\n\n", encoding="utf-8")
     assert read_reference_groups_txt(grouped) == [["a1", "a2"], ["b1"], ["c1", "c2"]]

@@ -220,7 +220,7 @@ def test_fsdp_shards_the_frozen_base_and_trains_the_same_prefix(setup, single, t
     _assert_same_prefix(single, out)
 
 
-def test_shares_and_accumulation_windows():
+def test_rank_shares_are_contiguous_and_accumulation_windows_stop_at_epoch_ends():
     assert [list(distributed.shard_range(5, r, 2)) for r in range(2)] == [[0, 1, 2], [3, 4]]
     assert [list(distributed.shard_range(1, r, 2)) for r in range(2)] == [[0], []]
     assert [len(distributed.shard_range(10, r, 4)) for r in range(4)] == [3, 3, 2, 2]

@@ -165,6 +165,6 @@ def test_train_config_names_bad_fields():
         TrainConfig(batch_size=0, lr=-1)
 
 
-def test_char_tokenizer_roundtrip():
+def test_char_tokenizer_decodes_what_it_encodes():
     tok = char_tokenizer()
     assert tok.decode(tok("ab c")["input_ids"]) == "ab c"

@@ -1,28 +1,15 @@
-"""Loading table-to-text data (real files where present) and encoding with a tiny tokenizer."""
+"""Reading table-to-text data (real files where present): counts, where each example comes from, strict rows."""
 
 from __future__ import annotations
 
 import sys
 import types
-import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from prefixtune.errors import DataError
-from prefixtune.tasks.encoding import (
-    IGNORE_INDEX,
-    EncodedExample,
-    Format,
-    collate,
-    encode_all,
-    encode_example,
-    encode_prompt,
-)
 from prefixtune.tasks.readers import (
     Example,
     group_references,
@@ -52,7 +39,7 @@ def e2e_dev() -> list[Example]:
 
 
 @needs_data
-def test_e2e_counts(e2e_dev: list[Example]) -> None:
+def test_e2e_splits_have_the_published_example_and_source_counts(e2e_dev: list[Example]) -> None:
     train = load_examples("e2e", "train")
     assert len(train) == 42_061
     assert len(group_references(train)[0]) == 4_862
@@ -78,7 +65,7 @@ def test_e2e_dev_groups_equal_consecutive_grouping(e2e_dev: list[Example]) -> No
 
 
 @needs_data
-def test_e2e_where_points_at_the_row(e2e_dev: list[Example]) -> None:
+def test_e2e_where_points_at_the_csv_row_of_each_example(e2e_dev: list[Example]) -> None:
     path = Path(e2e_dev[0].where.rsplit(":", 1)[0])
     lines = path.read_text(encoding="utf-8").split("\n")
     for ex in e2e_dev:
@@ -87,7 +74,7 @@ def test_e2e_where_points_at_the_row(e2e_dev: list[Example]) -> None:
 
 @needs_data
 @pytest.mark.parametrize(("split", "name"), [("dev", "src1_valid.txt"), ("test", "src1_test.txt")])
-def test_e2e_sources_match_li_liang_files(split: str, name: str) -> None:
+def test_e2e_sources_match_li_and_liangs_preprocessed_files(split: str, name: str) -> None:
     """Same attribute names and order as the paper's files; they also space-tokenize values (£ 20 - 25)."""
     ours = [ex.source.replace(" ", "") for ex in load_examples("e2e", split)]
     lines = (ROOT / "e2e" / "prefixtuning_format" / name).read_text(encoding="utf-8").splitlines()
@@ -106,7 +93,7 @@ def test_linearize_mr_keeps_commas_inside_values() -> None:
 
 
 @needs_data
-def test_webnlg_counts_and_seen_split() -> None:
+def test_webnlg_splits_have_the_published_counts_and_test_marks_seen_categories() -> None:
     dev = load_examples("webnlg", "dev")
     assert len(dev) == 2_268
     assert len({(ex.where.rsplit(":", 1)[0], ex.meta["eid"]) for ex in dev}) == 872
@@ -131,7 +118,7 @@ def test_webnlg_counts_and_seen_split() -> None:
 
 
 @needs_data
-def test_webnlg_where_points_at_lex_and_train_counts() -> None:
+def test_webnlg_where_points_at_each_lex_and_train_has_its_count() -> None:
     train = load_examples("webnlg", "train")
     assert len(train) == 18_102
     assert len({(ex.where.rsplit(":", 1)[0], ex.meta["eid"]) for ex in train}) == 6_940
@@ -144,7 +131,7 @@ def test_webnlg_where_points_at_lex_and_train_counts() -> None:
 
 
 @needs_data
-def test_dart_dev_test_and_missing_train() -> None:
+def test_dart_dev_and_test_load_and_the_missing_train_split_is_a_clear_error() -> None:
     dev = load_examples("dart", "dev")
     assert len(dev) == 6_980
     assert dev[0].source == ("Mars Hill College : JOINED : 1973 | "
@@ -159,7 +146,7 @@ def test_dart_dev_test_and_missing_train() -> None:
         load_examples("dart", "train")
 
 
-def test_linearize_triples() -> None:
+def test_linearize_triples_turns_entity_underscores_into_spaces_and_keeps_properties() -> None:
     triples = [("Aarhus_Airport", "elevationAboveTheSeaLevel_(in_metres)", "25.0"), ("A_b", "p", '"x_y"')]
     assert linearize_triples(triples) == (
         'Aarhus Airport : elevationAboveTheSeaLevel_(in_metres) : 25.0 | A b : p : "x y"')
@@ -188,7 +175,7 @@ def _write(path: Path, data: str | bytes) -> str:
          r"\.jsonl:2: field 'target': undecodable bytes b'\\xe9'"),
     ],
 )
-def test_bad_jsonl(tmp_path: Path, content: str | bytes, match: str) -> None:
+def test_bad_jsonl_rows_name_file_line_and_field(tmp_path: Path, content: str | bytes, match: str) -> None:
     path = _write(tmp_path / "rows.jsonl", content)
     with pytest.raises(DataError, match=match):
         load_examples(path, "ignored")
@@ -204,13 +191,13 @@ def test_bad_jsonl(tmp_path: Path, content: str | bytes, match: str) -> None:
         (b'source,target\na,"two\n\xff lines"\nb,c\n', r"\.csv:3: field 'target': undecodable bytes b'\\xff'"),
     ],
 )
-def test_bad_csv(tmp_path: Path, content: str | bytes, match: str) -> None:
+def test_bad_csv_rows_name_file_line_and_field(tmp_path: Path, content: str | bytes, match: str) -> None:
     path = _write(tmp_path / "rows.csv", content)
     with pytest.raises(DataError, match=match):
         load_examples(path, "ignored")
 
 
-def test_good_files_and_custom_fields(tmp_path: Path) -> None:
+def test_jsonl_and_csv_files_read_custom_source_and_target_fields(tmp_path: Path) -> None:
     jsonl = _write(tmp_path / "rows.jsonl", '\ufeff{"x": " a ", "y": "b"}\n\n{"x": "c", "y": "d", "z": 1}\n')
     examples = load_examples(jsonl, "whatever", source_field="x", target_field="y")
     assert [(ex.source, ex.target, _line(ex.where)) for ex in examples] == [("a", "b", 1), ("c", "d", 3)]
@@ -219,7 +206,7 @@ def test_good_files_and_custom_fields(tmp_path: Path) -> None:
     assert [(ex.source, ex.target, _line(ex.where)) for ex in examples] == [("a", "x\r\ny", 2), ("b", "z", 4)]
 
 
-def test_malformed_mr_and_skip_policy(tmp_path: Path) -> None:
+def test_a_malformed_mr_is_an_error_and_empty_targets_are_skipped_only_on_request(tmp_path: Path) -> None:
     (tmp_path / "e2e").mkdir()
     _write(tmp_path / "e2e" / "dev.csv", 'mr,ref\n"name[A], area[x]",ok\n"name[B], area x",bad\n')
     with pytest.raises(DataError, match=r"dev\.csv:3: field 'mr': malformed MR"):
@@ -229,7 +216,9 @@ def test_malformed_mr_and_skip_policy(tmp_path: Path) -> None:
         assert len(load_examples("e2e", "dev", data_root=tmp_path, on_empty_target="skip")) == 1
 
 
-def test_unknown_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_data_and_splits_are_errors_and_the_root_follows_the_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(DataError, match="unknown data"):
         load_examples("e2e.txt", "dev")
     with pytest.raises(DataError, match="unknown split"):
@@ -241,7 +230,7 @@ def test_unknown_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert resolve_data_root("elsewhere") == Path("elsewhere")
 
 
-def test_hf_through_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_dataset_rows_become_examples_named_by_row(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = types.ModuleType("datasets")
     calls = []
 
@@ -275,105 +264,3 @@ def test_shuffled_subset_is_seeded_stable_and_nested() -> None:
     assert [ex.source for ex in examples] == [str(i) for i in range(10)]  # input untouched
     with pytest.raises(ValueError, match="between 0 and 10"):
         shuffled_subset(examples, 11, seed=0)
-
-
-# --------------------------------------------------------------------------- encoding
-
-_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :|\n.,"
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-
-
-def _tokenizer(template: str | None = None) -> PreTrainedTokenizerFast:
-    """Character-level tokenizer; ``template`` like ``"<s> $A"`` makes it add specials by default."""
-    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": UNK}
-    vocab.update({c: i + 4 for i, c in enumerate(_CHARS)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    if template is not None:
-        specials = [("<s>", BOS), ("</s>", EOS)]
-        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def _char_ids(text: str) -> list[int]:
-    return [_CHARS.index(c) + 4 for c in text]
-
-
-EX = Example("name : A", "Hi.", "t.jsonl:7")
-
-
-@pytest.mark.parametrize(("template", "bos"), [(None, []), ("<s> $A", [BOS]), ("$A </s>", [])])
-def test_encode_masks_exactly_the_prompt(template: str | None, bos: list[int]) -> None:
-    tok = _tokenizer(template)
-    fmt = Format(separator="\n", target_prefix=" ")
-    prompt = encode_prompt(tok, EX.source, fmt)
-    assert prompt == bos + _char_ids("name : A") + _char_ids("\n")  # BOS iff the tokenizer adds it by default
-    enc = encode_example(tok, EX, fmt, max_length=64)
-    assert enc is not None
-    target = [*_char_ids(" Hi."), EOS]
-    assert enc.input_ids == prompt + target
-    assert enc.labels == [IGNORE_INDEX] * len(prompt) + target
-    assert enc.input_ids[-1] == EOS and enc.input_ids.count(EOS) == 1
-    assert (enc.where, enc.truncated) == ("t.jsonl:7", False)
-
-
-def test_too_long_policies() -> None:
-    tok = _tokenizer("<s> $A")
-    fmt = Format()
-    full = encode_example(tok, EX, fmt, max_length=None)
-    assert full is not None and len(full.input_ids) == 1 + 8 + 1 + 5
-    with pytest.raises(DataError, match=r"t\.jsonl:7: 15 tokens \(prompt 10, target 5 with EOS\) > max_length 12"):
-        encode_example(tok, EX, fmt, max_length=12)
-    assert encode_example(tok, EX, fmt, max_length=12, on_too_long="skip") is None
-    cut = encode_example(tok, EX, fmt, max_length=12, on_too_long="truncate")
-    assert cut is not None and cut.truncated
-    assert cut.input_ids == [BOS, *_char_ids("name \n Hi."), EOS]  # source cut, separator/target/EOS kept
-    assert len(cut.input_ids) == 12
-    assert cut.labels == [IGNORE_INDEX] * 7 + [*_char_ids(" Hi."), EOS]
-    with pytest.raises(DataError, match="target alone does not fit"):
-        encode_example(tok, EX, fmt, max_length=7, on_too_long="truncate")
-    with pytest.raises(ValueError, match="on_too_long"):
-        encode_example(tok, EX, fmt, max_length=7, on_too_long="drop")  # type: ignore[arg-type]
-
-
-def test_encode_all_counts_and_matches_encode_example() -> None:
-    tok = _tokenizer()
-    fmt = Format(separator=" | ", target_prefix="")
-    examples = [EX, Example("a", "b", "x:1"), Example("name : Abcdefghij", "Long.", "x:2")]
-    for policy in ("skip", "truncate"):
-        encoded, affected = encode_all(tok, examples, fmt, max_length=16, on_too_long=policy)
-        one_by_one = [encode_example(tok, ex, fmt, 16, on_too_long=policy) for ex in examples]
-        assert encoded == [e for e in one_by_one if e is not None]
-        assert affected == 1
-    encoded, affected = encode_all(tok, examples, fmt, max_length=None)
-    assert (len(encoded), affected) == (3, 0)
-    assert encode_all(tok, [], fmt, max_length=4) == ([], 0)
-
-
-def test_collate_left_pads() -> None:
-    batch = [EncodedExample([5, 6, 7], [IGNORE_INDEX, 6, 7]), EncodedExample([8], [8])]
-    out = collate(batch, pad_id=PAD)
-    assert {k: v.shape for k, v in out.items()} == {k: (2, 3) for k in ("input_ids", "attention_mask", "labels")}
-    assert all(v.dtype == torch.long for v in out.values())
-    assert out["input_ids"].tolist() == [[5, 6, 7], [PAD, PAD, 8]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert out["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 8]]
-    # pad id equal to EOS (common for decoder-only models): the target's EOS keeps its label
-    out = collate([EncodedExample([5, EOS], [IGNORE_INDEX, EOS]), EncodedExample([EOS], [EOS])], pad_id=EOS)
-    assert out["labels"].tolist() == [[IGNORE_INDEX, EOS], [IGNORE_INDEX, EOS]]
-    assert out["attention_mask"].tolist() == [[1, 1], [0, 1]]
-    with pytest.raises(ValueError, match="empty batch"):
-        collate([], pad_id=PAD)
-
-
-def test_format_and_missing_eos() -> None:
-    with pytest.raises(ValueError, match="separator"):
-        Format(separator="")
-    tok = _tokenizer()
-    tok.eos_token = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="no eos_token"):
-            encode_prompt(tok, "a", Format())
-    assert Format() == Format(separator="\n", target_prefix=" ")
