@@ -36,7 +36,7 @@ from prefixtune.tasks.classification import ClassificationTask, ClassifySpec
 from prefixtune.tasks.generation import DataSpec, GenerationTask
 from prefixtune.tasks.task import DecodeConfig
 from prefixtune.training import distributed, pipeline
-from prefixtune.training.loop import TrainConfig
+from prefixtune.training.config import TrainConfig
 
 # field -> flag where today's flag name is not the field's (the README and scripts use these)
 FLAG_NAMES = {(PrefixConfig, "dropout"): "--prefix-dropout", (ClassifySpec, "text_field"): "--source-field",

@@ -25,7 +25,8 @@ from prefixtune.tasks.metrics import read_predictions
 from prefixtune.tasks.readers import shuffled_subset
 from prefixtune.tasks.task import DecodeConfig, Task
 from prefixtune.training import distributed
-from prefixtune.training.loop import TrainConfig, fit
+from prefixtune.training.config import TrainConfig
+from prefixtune.training.loop import fit
 from prefixtune.training.plots import plot_log
 from prefixtune.training.runs import FILES, RunRecord, check_resume, data_fingerprint, locate_run, versions
 

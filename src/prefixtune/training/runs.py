@@ -30,7 +30,7 @@ from prefixtune.files import atomic_write_text, dataclass_from_dict
 from prefixtune.tasks.classification import ClassificationTask, ClassifySpec
 from prefixtune.tasks.generation import DataSpec, GenerationTask
 from prefixtune.tasks.task import Task
-from prefixtune.training.loop import TrainConfig
+from prefixtune.training.config import TrainConfig
 from prefixtune.training.state import FILES
 
 TASK_KINDS = ("generate", "classify")
