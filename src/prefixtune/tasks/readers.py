@@ -205,7 +205,7 @@ def _load_file(path: Path, source_field: str, target_field: str, rows: _Rows) ->
 
 def _load_hf(name: str, split: str, source_field: str, target_field: str, rows: _Rows) -> None:
     try:
-        import datasets
+        import datasets  # optional (in no extra): only hf: data needs it, and its absence is a DataError
     except ImportError:
         raise DataError(f"hf:{name}: the 'datasets' package is not installed (pip install datasets)") from None
     try:

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from prefixtune.errors import RankFailedError
 
@@ -208,9 +210,6 @@ def shard_model(model: nn.Module, keep_whole: Sequence[str] = ()) -> list[str]:
     """
     if not is_distributed():
         return []
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     classes = set(getattr(model, "_no_split_modules", None) or ())
     if not classes:
         raise ValueError(f"{type(model).__name__} names no blocks (_no_split_modules) to shard with FSDP")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 def plot_log(log_path: str | Path, png_path: str | Path) -> Path | None:
     """Training loss (and dev loss) against step, from a ``log.jsonl``; None if there is nothing to plot."""
+    # imported here, on purpose: pyplot takes a second to import and wants its backend chosen first; every
+    # CLI command imports this module, only training draws
     import matplotlib
 
     matplotlib.use("Agg")

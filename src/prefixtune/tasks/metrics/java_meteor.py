@@ -17,7 +17,7 @@ from prefixtune.tasks.metrics.references import check_lengths
 
 def _meteor_jar() -> Path:
     try:
-        import pycocoevalcap.meteor.meteor as coco_meteor
+        import pycocoevalcap.meteor.meteor as coco_meteor  # only to find its jar; missing = METEOR unavailable
     except ImportError as exc:
         raise MeteorUnavailableError(
             "METEOR needs the meteor-1.5.jar shipped with pycocoevalcap: pip install pycocoevalcap"
