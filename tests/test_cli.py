@@ -188,12 +188,19 @@ def test_config_yaml_reads_the_same_dataclasses_and_flags_override_it(tmp_path):
     assert s["train"] == TrainConfig(epochs=2, lr=0.02)
 
 
+def test_config_yaml_numbers_written_as_yaml_strings_become_numbers(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("out: r\ntrain: {lr: 5e-4, max_steps: none}\n")  # YAML 1.1 reads 5e-4 as a string
+    assert _settings("--config", str(config))["train"] == TrainConfig(lr=5e-4, max_steps=None)
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     ("optimizer: adam\n", "unknown key 'optimizer'"),
     ("train: {learning_rate: 0.1}\n", "section 'train': unknown field 'learning_rate'"),
     ("train: {lr: -1}\n", "section 'train': TrainConfig: invalid lr=-1"),
     ("data: [e2e]\n", "section 'data': expected a mapping"),
     ("train: {lr: [0.1\n", "not valid YAML"),
+    ("train: {lr: fast}\n", "section 'train': field 'lr': expected a number, got 'fast'"),
 ])
 def test_config_yaml_errors_name_the_file_and_the_key_in_one_line(tmp_path, capsys, content, expected):
     config = tmp_path / "run.yaml"

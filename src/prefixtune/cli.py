@@ -263,11 +263,27 @@ def train_settings(a: argparse.Namespace) -> dict[str, Any]:
     for section, cls in (("data", spec_cls), ("prefix", PrefixConfig), ("train", TrainConfig)):
         values = file.get(section) or {}
         if isinstance(values, dict):  # else dataclass_from_dict names the section that is not a mapping
+            values = _numbers(cls, values, f"{where}: section {section!r}")
             values = values | (flags if section == "data" else given(a, section))
         configs[section] = dataclass_from_dict(cls, values, f"{where}: section {section!r}")
     return {"out_dir": top["out"], "model_name": top.get("model", DEFAULT_MODELS[kind]),
             "task": task_cls(configs["data"]), "prefix": configs["prefix"], "train": configs["train"],
             "resume": bool(top.get("resume", False)), "fsdp": bool(top.get("fsdp", False))}
+
+
+def _numbers(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """YAML values of numeric fields written as strings (YAML 1.1 reads ``5e-4`` as one) → numbers."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        kind = hints.get(name)
+        if isinstance(value, str) and kind is not None and (int in typing.get_args(kind) or float in
+                                                            typing.get_args(kind) or kind in (int, float)):
+            try:
+                out[name] = _converter(kind, name)[0](value)
+            except argparse.ArgumentTypeError:
+                raise ConfigError(f"{where}: field {name!r}: expected a number, got {value!r}") from None
+    return out
 
 
 def _decode(a: argparse.Namespace) -> DecodeConfig:

@@ -1,5 +1,5 @@
-"""Run directories: the one place for their file names, the typed run record (``run.json``), the data
-fingerprint, and the checks that keep a resumed run computing what it started computing.
+"""Run directories: the typed run record (``run.json``), the data fingerprint, and the checks that keep a
+resumed run computing what it started computing (the directory's file names: ``state.FILES``).
 
 A run directory holds ``run.json`` (everything needed to reproduce the run: task, data, model, prefix and
 training configs, seed, versions, data fingerprint), ``log.jsonl``, ``loss.png``, the resume state
