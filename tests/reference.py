@@ -99,3 +99,51 @@ def seq2seq_attention(module, kind: str, hidden, other, prefix_kv, allowed_real,
         bias = torch.cat([torch.zeros(*bias.shape[:-1], p), bias], dim=-1)
     o = _attend(q, k, v, allowed, scale, bias)
     return out(o.transpose(1, 2).reshape(b, q_len, heads * hd))
+
+
+# ----------------------------------------------------------------------------- the real-token rule
+
+
+class IdTokenizer:
+    """A tokenizer stand-in for ``init="text:..."``: one id per character, ``offset + ord(c) % span``."""
+
+    def __init__(self, offset: int = 4, span: int = 80):
+        self.offset, self.span = offset, span
+
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[self.offset + ord(c) % self.span for c in text]])}
+
+
+INIT_WORDS = "ab:c"  # t0, four tokens
+
+
+@torch.no_grad()
+def real_token_equivalence(model, x_len: int = 5, new_tokens: int = 4, atol: float = 1e-4) -> dict:
+    """Check the rule on ``model``: a flat prefix initialized from the frozen model's own K/V of t0 gives
+
+    - the logits of x that the base model gives for x after [t0; x], and
+    - the greedy continuation of x that the base model gives for [t0; x].
+
+    Raises AssertionError on a mismatch; returns {"max_logit_diff": float, "tokens": list}.
+    """
+    from prefixtune import PrefixConfig, attach
+
+    tok = IdTokenizer()
+    t0 = tok(INIT_WORDS)["input_ids"]
+    x = torch.randint(4, 84, (1, x_len), generator=torch.Generator().manual_seed(3))
+    full = torch.cat([t0, x], dim=1)
+    ref_logits = model(input_ids=full).logits[:, t0.shape[1]:].float()
+    kw = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    ref_tokens = model.generate(input_ids=full, attention_mask=torch.ones_like(full), **kw)[:, full.shape[1]:]
+    alone = model(input_ids=x).logits.float()  # x without t0: the prefix must make a difference
+    pm = attach(model, PrefixConfig(init=f"text:{INIT_WORDS}", reparam=False), tok)
+    try:
+        logits = pm(input_ids=x).logits.float()
+        tokens = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)[:, x.shape[1]:]
+    finally:
+        pm.detach()
+    diff = float((logits - ref_logits).abs().max())
+    assert diff <= atol * max(1.0, float(ref_logits.abs().max())), f"logits differ by {diff}"
+    assert torch.equal(tokens, ref_tokens), f"greedy {tokens.tolist()} != base after t0 {ref_tokens.tolist()}"
+    assert float((alone - ref_logits).abs().max()) > 100 * diff, "t0 does not change the logits: the check is void"
+    return {"max_logit_diff": diff, "tokens": tokens[0].tolist()}

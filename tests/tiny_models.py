@@ -4,6 +4,7 @@ Imported by tests as ``from tiny_models import ...`` (``tests/`` is on pytest's 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -127,3 +128,76 @@ def save_tiny_model_dir(path, seed: int = 0, initializer_range: float = 0.02):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# ----------------------------------------------------------------------------- every model type, tiny
+# One set of small sizes for every config of the installed transformers, under each family's own field names.
+# A field is set only where the config has it; everything else keeps the family's default.
+TINY_SIZES: dict[str, int | None] = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "word_embed_proj_dim"), 32),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers",
+                     "num_decoder_layers"), 2),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
+                     "encoder_attention_heads"), 4),
+    **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"), 2),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "d_ff", "decoder_ffn_dim", "encoder_ffn_dim",
+                     "ffn_hidden_size"), 64),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"), 32),
+    **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_dim"), 8),
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_selected_experts"), 2),
+    **dict.fromkeys(("num_shared_experts", "n_shared_experts"), 1),
+    "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
+    "qk_head_dim": 12, "rotary_dim": 4, "rotary_emb_base": 10000,
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"), 128),
+    "vocab_size": VOCAB,
+    "initializer_range": 0.2,  # larger than the default 0.02, so that t0 visibly changes the tokens
+}
+TINY_WINDOW = 64  # sliding windows shrink to this: longer than every test input (inputs inside the window)
+
+
+def _shrink(cfg) -> None:
+    for key, value in TINY_SIZES.items():
+        if key in cfg.__dict__ or hasattr(type(cfg), key):
+            with contextlib.suppress(Exception):  # a derived (read-only) property of that family
+                setattr(cfg, key, value)
+    if getattr(cfg, "qk_rope_head_dim", None):  # MLA: RoPE runs on qk_rope_head_dim dims (its "head_dim")
+        cfg.head_dim = cfg.qk_rope_head_dim
+    if getattr(cfg, "sliding_window", None):
+        cfg.sliding_window = TINY_WINDOW
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value >= VOCAB:
+            setattr(cfg, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) > 2:
+        kinds = list(dict.fromkeys(types))[:2]  # keep both kinds (e.g. sliding and full) in two layers
+        cfg.layer_types = (kinds * 2)[:2]
+
+
+def tiny_config(model_type: str, attn: str | None = None):
+    """The family's default config of ``model_type`` with every size field made tiny (2 layers, width 32)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type)
+    _shrink(cfg)
+    for key in ("text_config", "decoder", "encoder"):
+        sub = getattr(cfg, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            _shrink(sub)
+    if attn is not None:  # None: transformers' own choice (sdpa where the family supports it, else eager)
+        cfg._attn_implementation_internal = attn
+    return cfg
+
+
+def tiny_causal_lm(model_type: str, attn: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """A tiny random ``AutoModelForCausalLM`` of ``model_type``, in eval mode, float32."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    torch.manual_seed(seed)
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    cfg = tiny_config(model_type, attn)
+    cfg.is_decoder = True  # encoder families' *ForCausalLM are causal only as decoders (their docs say so)
+    model = cls(cfg).eval()
+    return model

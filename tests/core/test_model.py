@@ -67,12 +67,13 @@ def test_spec_reads_gqa_and_explicit_head_dim():
     assert pm.num_trainable_parameters() == 5 * 2 * 2 * 2 * 16
 
 
-def test_unsupported_architecture_is_refused():
-    from transformers import OPTConfig, OPTForCausalLM
+def test_model_without_attention_interface_is_refused_naming_class_and_reason():
+    from transformers import CodeGenConfig, CodeGenForCausalLM
 
-    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                     num_attention_heads=2, word_embed_proj_dim=16))
-    with pytest.raises(ValueError, match=r"OPTForCausalLM.*model_type='opt'"):
+    # CodeGen computes attention in its own module (no ALL_ATTENTION_FUNCTIONS call): nothing to put a prefix in
+    model = CodeGenForCausalLM(CodeGenConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                             n_positions=32))
+    with pytest.raises(ValueError, match=r"CodeGenForCausalLM.*model_type='codegen'.*attention interface"):
         attach(model)
 
 

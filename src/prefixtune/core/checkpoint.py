@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,44 @@ CONFIG_NAME = "prefix_config.json"
 WEIGHTS_NAME = "prefix.safetensors"
 
 
-@torch.no_grad()
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What identifies a base model: architecture, shapes, and a hash of some of its weights."""
-    spec = read_spec(model)
+SAMPLES_PER_TENSOR = 1024  # strided elements hashed per tensor: bounded time (~1 ms a tensor) even for 70B models
+
+
+def _legacy_weights_sha256(model: nn.Module, spec: Any) -> str:
+    """The first format's hash (64 embedding rows + 8 rows of the last attention layer's first weight)."""
     emb = model.get_input_embeddings().weight
-    rows = emb[: min(64, emb.shape[0])].detach().float().cpu().contiguous()
-    # the first 2-D weight of the last prefix-carrying attention layer (not a task head, which may be new)
-    path = spec.slots[-1][0]
-    last = next(p for p in model.get_submodule(path).parameters() if p.ndim == 2)
-    tail = last[:8].detach().float().cpu().contiguous()
-    h = hashlib.sha256(rows.numpy().tobytes())
-    h.update(tail.numpy().tobytes())
+    h = hashlib.sha256(emb[: min(64, emb.shape[0])].detach().float().cpu().contiguous().numpy().tobytes())
+    last = next(p for p in model.get_submodule(spec.slots[-1][0]).parameters() if p.ndim == 2)
+    h.update(last[:8].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensors_sha256(model: nn.Module, exclude: Sequence[str] = ()) -> str:
+    """sha256 over every parameter and buffer of ``model`` (name, shape, and a sample of
+    ``SAMPLES_PER_TENSOR`` elements spread evenly over the whole tensor, so a changed row is seen),
+    except those under ``exclude`` (modules that train with the prefix, e.g. a new classification head).
+    Tied weights count once."""
+    h = hashlib.sha256()
+    skip = tuple(f"{name}." for name in exclude)
+    seen: set[int] = set()
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in sorted(named, key=lambda item: item[0]):
+        if name.startswith(skip) or id(t) in seen or t.is_meta:
+            continue
+        seen.add(id(t))
+        flat = t.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR), device=flat.device)
+        sample = flat[index.round().long()].float().cpu().contiguous()  # evenly spread, first and last included
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """What identifies a base model: architecture, shapes, and a hash of a sample of every tensor
+    (``tensors_sha256``; ``exclude`` names modules that are saved with the prefix)."""
+    spec = read_spec(model)
     return {
         "architecture": spec.architecture,
         "model_type": spec.model_type,
@@ -40,7 +67,9 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
                    for s in spec.stacks},
         "hidden_size": spec.hidden_size,
         "vocab_size": spec.vocab_size,
-        "weights_sha256": h.hexdigest(),
+        "weights_sha256": _legacy_weights_sha256(model, spec),
+        "tensors_sha256": tensors_sha256(model, exclude),
+        "excluded": sorted(exclude),
     }
 
 
@@ -48,13 +77,16 @@ def compare_fingerprints(saved: dict[str, Any], actual: dict[str, Any], where: s
     """Raise ValueError listing every field where the saved base model differs from ``actual``.
 
     Architecture names may differ (a prefix saved on ``LlamaForCausalLM`` loads on ``LlamaModel``)
-    as long as everything else agrees.
+    as long as everything else agrees. Saves of the first format (no ``tensors_sha256``) are
+    compared on what they recorded (embedding rows and one weight), so they keep loading.
     """
-    diffs = [
-        f"{key}: saved {saved.get(key)!r}, this model {actual.get(key)!r}"
-        for key in ("model_type", "stacks", "hidden_size", "vocab_size", "weights_sha256")
-        if saved.get(key) != actual.get(key)
-    ]
+    keys = ["model_type", "stacks", "hidden_size", "vocab_size", "weights_sha256"]
+    if "tensors_sha256" in saved:
+        keys.append("tensors_sha256")
+    diffs = [f"{key}: saved {saved.get(key)!r}, this model {actual.get(key)!r}" for key in keys
+             if saved.get(key) != actual.get(key)]
+    if "tensors_sha256" in saved and saved.get("excluded", []) != actual.get("excluded", []):
+        diffs.append(f"excluded modules: saved {saved.get('excluded')}, here {actual.get('excluded')}")
     if diffs:
         raise ValueError(
             f"{where}: this prefix was trained on a different base model "
@@ -78,7 +110,7 @@ def save_prefix(directory: str | Path, tensors: dict[str, torch.Tensor], config:
         "prefix_config": config.to_dict(),
         "folded": folded,
         "train_modules": list(train_modules),
-        "base_model": fingerprint(base),
+        "base_model": fingerprint(base, exclude=train_modules),
         "weights_sha256": sha256_file(weights),
     }
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -108,7 +140,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def read_prefix(directory: Path, model: nn.Module) -> tuple[PrefixConfig, dict[str, torch.Tensor], list[str]]:
     """The checked config, tensors (on the model's device) and trained module names saved in ``directory``."""
     meta = read_meta(directory)
-    compare_fingerprints(meta["base_model"], fingerprint(model), str(directory / CONFIG_NAME))
+    exclude = meta["base_model"].get("excluded", meta.get("train_modules", []))
+    compare_fingerprints(meta["base_model"], fingerprint(model, exclude=exclude), str(directory / CONFIG_NAME))
     config = PrefixConfig.from_dict(meta["prefix_config"], source=f"{directory / CONFIG_NAME}: prefix_config")
     if meta["folded"]:
         config = config.replace(reparam=False)

@@ -22,17 +22,19 @@ left-padded row gives the same result as the row alone.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from prefixtune.core.spec import ModelSpec
+if TYPE_CHECKING:  # spec.py imports this module (its probe), so only for annotations
+    from prefixtune.core.spec import ModelSpec, StackSpec
 
 SLOT_ATTR = "_prefixtune_slot"
 KWARG = "prefixtune"
@@ -45,7 +47,8 @@ class PrefixBatch:
 
     Attributes:
         kv: stack name -> tensor (R, P, layers, 2, kv_heads, head_dim); [:, :, l, 0] are
-            layer l's keys, [:, :, l, 1] its values.
+            layer l's keys, [:, :, l, 1] its values. A stack whose layers differ in K/V heads or
+            head dims (MLA, per-layer head_dim) is flat instead, (R, P, width), cut by ``layouts``.
         valid: (R, P) bool, which prefix positions are real for each row (rows with shorter
             or no prefix are padded); None means all.
         lengths: (R,) long, each row's prefix length, by which its positions are shifted.
@@ -62,6 +65,30 @@ class PrefixBatch:
     infix_start: torch.Tensor | None = None
     query_visible: torch.Tensor | None = None
     collect: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None)
+    layouts: dict[str, StackSpec] | None = None
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[torch.Tensor | None], device: torch.device, dtype: torch.dtype
+                  ) -> PrefixBatch:
+        """One decoder prefix per row (mixed-task batches): each (P_r, layers, 2, kv_heads, head_dim), as
+        ``load_prefix_kv`` or ``PrefixModel.decoder_kv`` give it, or None for the bare base model.
+
+        Row r's prefix takes the last P_r of P_max positions (the padding in front is masked), and its
+        real tokens are shifted by P_r: each row computes what it would alone with its own prefix.
+        """
+        shapes = {tuple(t.shape[1:]) for t in rows if t is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"row prefixes have different per-position shapes {sorted(shapes)}: another base model")
+        if not shapes:
+            raise ValueError("row_prefixes holds no prefix (every row is None); call the base model instead")
+        p_max = max(0 if t is None else t.shape[0] for t in rows)
+        kv = torch.zeros(len(rows), p_max, *shapes.pop(), device=device, dtype=dtype)
+        valid = torch.zeros(len(rows), p_max, dtype=torch.bool, device=device)
+        for r, t in enumerate(rows):
+            if t is not None and t.shape[0]:
+                kv[r, p_max - t.shape[0]:] = t.to(device=device, dtype=dtype)
+                valid[r, p_max - t.shape[0]:] = True
+        return cls(kv={"decoder": kv}, valid=valid, lengths=valid.sum(-1))
 
     @property
     def rows(self) -> int:
@@ -74,7 +101,15 @@ class PrefixBatch:
         t = self.kv.get(stack)
         if t is None or t.shape[1] == 0:
             return None
-        return t[:, :, layer, 0].transpose(1, 2), t[:, :, layer, 1].transpose(1, 2)
+        if t.ndim == 6:
+            return t[:, :, layer, 0].transpose(1, 2), t[:, :, layer, 1].transpose(1, 2)
+        if self.layouts is None or stack not in self.layouts:
+            raise ValueError(f"a flat (R, P, width) '{stack}' prefix needs its StackSpec in PrefixBatch.layouts")
+        (ks, ke), (vs, ve), (kh, kd, vh, vd) = self.layouts[stack].layer_slices(layer)
+        r, p = t.shape[:2]
+        keys = t[:, :, ks:ke].reshape(r, p, kh, kd).transpose(1, 2)
+        values = t[:, :, vs:ve].reshape(r, p, vh, vd).transpose(1, 2)
+        return keys, values
 
 
 def rows_to(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -93,7 +128,11 @@ def rows_to(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _model_eager(module: nn.Module) -> Callable[..., Any]:
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    """The eager attention function of ``module``'s modeling file (the default its forward passes)."""
+    namespace = vars(sys.modules[type(module).__module__])
+    fn = namespace.get("eager_attention_forward")
+    if fn is None:  # a few files name it after the family, e.g. ``<family>_eager_attention_forward``
+        fn = next((f for n, f in namespace.items() if n.endswith("eager_attention_forward") and callable(f)), None)
     if fn is None:
         raise RuntimeError(f"{type(module).__name__} has no eager attention function to wrap")
     return fn
@@ -105,17 +144,23 @@ def _extend_mask(
     q_len: int,
     kv_len: int,
     is_causal: bool,
+    additive: torch.dtype | None,
 ) -> torch.Tensor:
     """Prepend P prefix columns to an attention mask.
 
     mask: None, bool (True = attend) or additive float, broadcastable to (B, h, q, kv).
-    prefix_allowed: (B, 1, q|1, P) bool. Returns a mask of the same kind, (B, h, q, P + kv).
+    prefix_allowed: (B, 1, q|1, P) bool. Returns (B, h, q, P + kv): bool, or additive of dtype
+    ``additive`` when given (eager functions add the mask to the scores, so a bool would add +1/+0).
+
+    With no mask, the real columns get what the base function would do without one: sdpa's
+    ``is_causal`` for q > 1, which is aligned top-left (query i sees keys 0..i: a prefill, also of
+    a static cache whose kv_len is its capacity, not its filled length); eager: everything.
     """
     device = prefix_allowed.device
     if mask is None:
-        if is_causal:
-            i = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-            mask = (torch.arange(kv_len, device=device)[None, :] <= i)[None, None]
+        if is_causal and q_len > 1:
+            mask = (torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None])
+            mask = mask[None, None]
         else:
             mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
     b = max(mask.shape[0], prefix_allowed.shape[0])
@@ -123,7 +168,10 @@ def _extend_mask(
     mask = mask.expand(b, h, q_len, mask.shape[-1])
     allowed = prefix_allowed.expand(b, h, q_len, prefix_allowed.shape[-1])
     if mask.dtype == torch.bool:
-        return torch.cat([allowed, mask], dim=-1)
+        if additive is None:
+            return torch.cat([allowed, mask], dim=-1)
+        both = torch.cat([allowed, mask], dim=-1)
+        return torch.zeros(both.shape, dtype=additive, device=device).masked_fill(~both, torch.finfo(additive).min)
     blocked = torch.finfo(mask.dtype).min
     prefix_part = torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(~allowed, blocked)
     return torch.cat([prefix_part, mask], dim=-1)
@@ -141,6 +189,8 @@ def _make_attention(base: str) -> Callable[..., Any]:
         # query: (B, heads, q, head_dim); key/value: (B, kv_heads, kv, head_dim)
         batch: PrefixBatch | None = kwargs.pop(KWARG, None)
         fn = _model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        if _PROBE is not None:
+            _PROBE.append(_record(module, query, key, value, attention_mask, kwargs))
         slot = getattr(module, SLOT_ATTR, None)
         if batch is None or slot is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
@@ -159,9 +209,12 @@ def _make_attention(base: str) -> Callable[..., Any]:
         if batch.query_visible is not None and slot[0] == "decoder":
             allowed = allowed & batch.query_visible[:, None, -q_len:, None]
         is_causal = kwargs.get("is_causal")
-        if is_causal is None:
-            is_causal = bool(getattr(module, "is_causal", False))
-        attention_mask = _extend_mask(attention_mask, allowed, q_len, kv_len, is_causal)
+        if is_causal is None:  # sdpa_attention_forward's own default
+            is_causal = bool(getattr(module, "is_causal", True))
+        if base == "eager" and attention_mask is None:
+            is_causal = False  # eager functions apply no causal mask of their own
+        additive = query.dtype if base == "eager" else None
+        attention_mask = _extend_mask(attention_mask, allowed, q_len, kv_len, is_causal, additive)
         bias = kwargs.get("position_bias")
         if bias is not None:  # T5: the prefix is position-less, so its columns get no bias
             pad = torch.zeros(*bias.shape[:-1], p, dtype=bias.dtype, device=bias.device)
@@ -184,18 +237,123 @@ def register_attention() -> None:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
+# ----------------------------------------------------------------------------- probing
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call of transformers' attention interface, as ``read_spec`` sees it.
+
+    k_heads/k_dim and v_heads/v_dim are the key and value tensors' (heads, head_dim) as the
+    module hands them over (after its projections, norms and RoPE); causal says whether the
+    first query was kept from the last key.
+    """
+
+    module: nn.Module
+    q_len: int
+    kv_len: int
+    k_heads: int
+    k_dim: int
+    v_heads: int
+    v_dim: int
+    causal: bool
+
+
+_PROBE: list[AttentionCall] | None = None
+
+
+def _record(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            mask: torch.Tensor | None, kwargs: dict[str, Any]) -> AttentionCall:
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if mask is None:
+        flag = kwargs.get("is_causal")
+        causal = q_len > 1 and bool(getattr(module, "is_causal", True) if flag is None else flag)
+    elif mask.shape[-2] == 1 or mask.shape[-1] != kv_len:
+        causal = False
+    else:
+        corner = mask[0, 0, 0, -1]
+        causal = bool(~corner) if corner.dtype == torch.bool else bool(corner < -1.0)
+    return AttentionCall(module, q_len, kv_len, key.shape[1], key.shape[3], value.shape[1], value.shape[3], causal)
+
+
+@torch.no_grad()
+def record_attention_calls(model: nn.Module, **inputs: Any) -> list[AttentionCall]:
+    """Run ``model(**inputs)`` once and return every call it made to the attention interface, in order.
+
+    Attention that does not go through ``ALL_ATTENTION_FUNCTIONS`` (Bloom, MPT, ...) is not seen.
+    The model's attention implementation and training mode are restored afterwards.
+    """
+    global _PROBE
+    register_attention()
+    saved: list[tuple[Any, str]] = []
+    for sub in model.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and all(cfg is not c for c, _ in saved):
+            impl = cfg._attn_implementation
+            saved.append((cfg, impl))
+            base = (impl or "sdpa").removeprefix("prefixtune_")
+            cfg._attn_implementation_internal = f"prefixtune_{base if base in BASE_IMPLEMENTATIONS else 'sdpa'}"
+    was_training, calls = model.training, []
+    model.eval()
+    _PROBE = calls
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        _PROBE = None
+        model.train(was_training)
+        for cfg, impl in saved:
+            cfg._attn_implementation_internal = impl
+    return calls
+
+
+@torch.no_grad()
+def record_cache_shapes(model: nn.Module, **inputs: Any) -> list[tuple[int, int, int, int]]:
+    """Run ``model(**inputs, use_cache=True)`` once; each cached layer's (key heads, key dim, value heads, value dim).
+
+    The second route (``route="cache"``) puts the prefix in this cache, as PEFT does; [] when the model
+    keeps no standard per-layer cache.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(**inputs, use_cache=True)
+    finally:
+        model.train(was_training)
+    cache = getattr(out, "past_key_values", None)
+    if not isinstance(cache, DynamicCache):
+        return []
+    layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    if len(layers) != len(cache.layers) or any(layer.keys.ndim != 4 for layer in layers):
+        return []
+    return [(la.keys.shape[1], la.keys.shape[3], la.values.shape[1], la.values.shape[3]) for la in layers]
+
+
+def _fill_cache(cache: DynamicCache, batch: PrefixBatch, bsz: int) -> None:
+    """Write every layer's prefix keys/values (rows_to ``bsz``) into an empty cache, as P past positions."""
+    spec = (batch.layouts or {}).get("decoder")
+    layers = spec.num_layers if spec is not None else batch.kv["decoder"].shape[2]
+    for layer in range(layers):
+        kv = batch.layer_kv("decoder", layer)
+        if kv is None:
+            return
+        keys, values = (rows_to(t, bsz) for t in kv)
+        cache.update(keys.contiguous(), values.contiguous(), layer)
+
+
 # ----------------------------------------------------------------------------- positions
 
 
-def _batch_and_length(args: tuple[Any, ...], kwargs: dict[str, Any], decoder: bool) -> tuple[int, int]:
+def _batch_and_length(args: tuple[Any, ...], kwargs: dict[str, Any], decoder: bool
+                      ) -> tuple[int, int, torch.device]:
+    """(batch, new tokens, device) of a model call, from its ids or embeddings (whichever is given)."""
     names = ("decoder_input_ids", "decoder_inputs_embeds") if decoder else ("input_ids", "inputs_embeds")
     for name in names:
         t = kwargs.get(name)
         if t is not None:
-            return t.shape[0], t.shape[1]
+            return t.shape[0], t.shape[1], t.device
     if args and isinstance(args[0], torch.Tensor):
-        return args[0].shape[0], args[0].shape[1]
-    raise ValueError("prefixtune could not find input_ids or inputs_embeds in the model call")
+        return args[0].shape[0], args[0].shape[1], args[0].device
+    raise ValueError(f"prefixtune could not find {' or '.join(names)} in the model call")
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:
@@ -236,6 +394,15 @@ def shifted_positions(
 # ----------------------------------------------------------------------------- installation
 
 
+def _unsupported_implementation(architecture: str, impl: str) -> str:
+    why = ""
+    if "flash" in impl:
+        why = (" (FlashAttention aligns its causal mask bottom-right, which is the prefix layout, but the package "
+               "is on none of the machines this project tests on, so it is refused rather than shipped untested)")
+    return (f"{architecture} uses attn_implementation={impl!r}; prefixtune supports {BASE_IMPLEMENTATIONS}{why} "
+            f"(load the model with attn_implementation='sdpa')")
+
+
 class Injection:
     """Handle on a model prepared for prefixes; ``active(batch)`` applies one for a block of calls."""
 
@@ -244,6 +411,13 @@ class Injection:
         self.model = model
         self.spec = spec
         self._active: PrefixBatch | None = None
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        for sub in model.modules():  # refuse before changing anything
+            impl = getattr(getattr(sub, "config", None), "_attn_implementation", None)
+            if impl is not None and impl.startswith("prefixtune_"):
+                raise ValueError("this model already has prefixtune attached; detach() it first")
+            if impl is not None and impl not in BASE_IMPLEMENTATIONS:
+                raise ValueError(_unsupported_implementation(spec.architecture, impl))
         modules = dict(model.named_modules())
         self._tagged: list[nn.Module] = []
         configs: dict[int, Any] = {}
@@ -261,13 +435,8 @@ class Injection:
         self._saved_impl: list[tuple[Any, str]] = []
         for cfg in configs.values():
             impl = cfg._attn_implementation
-            if impl.startswith("prefixtune_"):
-                raise ValueError("this model already has prefixtune attached; detach() it first")
-            if impl not in BASE_IMPLEMENTATIONS:
-                raise ValueError(
-                    f"{spec.architecture} uses attn_implementation={impl!r}; prefixtune supports "
-                    f"{BASE_IMPLEMENTATIONS} (load the model with attn_implementation='sdpa')"
-                )
+            if impl is None:
+                continue
             self._saved_impl.append((cfg, impl))
             cfg._attn_implementation_internal = f"prefixtune_{impl}"
         self._hooks = [model.register_forward_pre_hook(self._hook(decoder=spec.kind == "seq2seq"), with_kwargs=True)]
@@ -280,12 +449,14 @@ class Injection:
             batch = self._active
             if batch is None or KWARG in kwargs:
                 return None
+            if batch.layouts is None and batch.collect is None:
+                batch = replace(batch, layouts={s.name: s for s in self.spec.stacks})
+            if self.spec.route == "cache":
+                return (args, kwargs) if batch.collect is not None else (args, self._through_cache(batch, args, kwargs))
             if self.spec.shift_positions:
-                bsz, q_len = _batch_and_length(args, kwargs, decoder)
+                bsz, q_len, device = _batch_and_length(args, kwargs, decoder)
                 past = _past_length(kwargs)
                 mask = kwargs.get("attention_mask")
-                ref = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-                device = ref.device if ref is not None else args[0].device
                 pos, visible = shifted_positions(
                     batch, bsz, q_len, past, mask, kwargs.get("position_ids"), device
                 )
@@ -298,6 +469,38 @@ class Injection:
             return args, kwargs
 
         return hook
+
+    def _through_cache(self, batch: PrefixBatch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The second route: the prefix as the first P positions of the model's own KV cache (PEFT's way).
+
+        On the first call (empty or no cache) the cache is filled; on every call P prefix columns are put in
+        front of the attention mask (unless it already covers them) and given position_ids are shifted.
+        """
+        if batch.infix_start is not None:
+            raise ValueError(f"{self.spec.architecture} carries its prefix in the KV cache; infix mode is not possible")
+        bsz, q_len, device = _batch_and_length(args, kwargs, decoder=False)
+        p = batch.kv["decoder"].shape[1]
+        cache = kwargs.get("past_key_values")
+        if cache is None or int(cache.get_seq_length()) == 0:
+            if cache is not None and not isinstance(cache, DynamicCache):
+                raise ValueError(f"{self.spec.architecture} carries its prefix in the KV cache; "
+                                 f"{type(cache).__name__} is not supported there (use the default DynamicCache)")
+            cache = cache if cache is not None else DynamicCache()
+            _fill_cache(cache, batch, bsz)
+            kwargs["past_key_values"] = cache
+            kwargs["use_cache"] = True
+        past = int(cache.get_seq_length())
+        valid = torch.ones(bsz, p, dtype=torch.long, device=device)
+        if batch.valid is not None:
+            valid = rows_to(batch.valid.to(device), bsz).long()
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(bsz, past - p + q_len, dtype=torch.long, device=device)
+        if mask.ndim == 2 and mask.shape[1] == past - p + q_len:
+            kwargs["attention_mask"] = torch.cat([valid.to(mask.dtype), mask], dim=1)
+        if kwargs.get("position_ids") is not None and batch.lengths is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + rows_to(batch.lengths.to(device), bsz)[:, None]
+        return kwargs
 
     @contextmanager
     def active(self, batch: PrefixBatch | None) -> Iterator[None]:
@@ -314,6 +517,9 @@ class Injection:
         Each is (B, kv_heads, T, head_dim), keys after RoPE: what a KV cache would hold.
         """
         store: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.spec.route == "cache":
+            out = self.model(**inputs, use_cache=True)
+            return {("decoder", i): (layer.keys, layer.values) for i, layer in enumerate(out.past_key_values.layers)}
         with self.active(PrefixBatch(kv={}, collect=store)):
             self.model(**inputs, use_cache=False)
         return store
@@ -327,7 +533,9 @@ class Injection:
                 delattr(mod, SLOT_ATTR)
         for cfg, impl in self._saved_impl:
             cfg._attn_implementation_internal = impl
-        self._hooks, self._tagged, self._saved_impl = [], [], []
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self._hooks, self._tagged, self._saved_impl, self._requires_grad = [], [], [], []
 
 
 def set_attention_implementation(model: nn.Module, base: str) -> None:

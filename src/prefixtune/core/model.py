@@ -113,21 +113,36 @@ class PrefixModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         infix_start: torch.Tensor | None = None,
+        row_prefixes: Sequence[torch.Tensor | None] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Same as the base model's forward; input_ids / attention_mask / labels are (B, T)."""
+        """Same as the base model's forward; input_ids / attention_mask / labels are (B, T).
+
+        row_prefixes: one decoder prefix per row instead of this model's own (several saved prefixes in
+        one batch): each (P_r, layers, 2, kv_heads, head_dim) from ``load_prefix_kv`` / ``decoder_kv``, or None.
+        """
         if self.prefix_config.mode == "infix" and infix_start is None and labels is not None:
             infix_start = infix_start_from_labels(labels, attention_mask)
-        batch = self.prefix_batch(infix_start)
+        batch = self._row_batch(row_prefixes) if row_prefixes is not None else self.prefix_batch(infix_start)
         with self.injection.active(batch):
             return self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
+    def _row_batch(self, rows: Sequence[torch.Tensor | None]) -> PrefixBatch:
+        if self.spec.kind != "causal":
+            raise ValueError(f"row_prefixes are prefixes of a decoder-only model, not of {self.spec.architecture}")
+        return PrefixBatch.from_rows(rows, self.device, self.base.dtype)
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor | None = None,
+                 row_prefixes: Sequence[torch.Tensor | None] | None = None, **kwargs: Any) -> torch.Tensor:
         """``transformers`` generate with the prefix applied at every step (greedy, sampling, beams).
 
         Decoder-only batches should be left-padded; positions are taken from the attention mask.
+        row_prefixes: one prefix per row, as in ``forward``.
         """
+        if row_prefixes is not None:
+            with self.injection.active(self._row_batch(row_prefixes)):
+                return self.base.generate(input_ids=input_ids, **kwargs)
         infix_start = None
         if self.prefix_config.mode == "infix":
             mask = kwargs.get("attention_mask")
@@ -275,9 +290,7 @@ class PrefixModel(nn.Module):
 
     def detach(self) -> nn.Module:
         """Remove the prefix machinery and return the untouched base model."""
-        self.injection.remove()
-        for p in self.base.parameters():
-            p.requires_grad_(True)
+        self.injection.remove()  # also gives every base parameter back its requires_grad from before attach
         return self.base
 
 
@@ -318,13 +331,13 @@ def attach(
     if missing:
         top = [n for n, _ in model.named_children()]
         raise ValueError(f"{spec.architecture} has no module(s) {missing} to train; its top-level modules: {top}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in train_modules:
-        for p in names[name].parameters():
-            p.requires_grad_(True)
-    injection = Injection(model, spec)
+    injection = Injection(model, spec)  # remembers each parameter's requires_grad; remove() restores them
     try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in train_modules:
+            for p in names[name].parameters():
+                p.requires_grad_(True)
         init_kv = None
         if config.init_text:
             if tokenizer is None:

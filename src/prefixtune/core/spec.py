@@ -1,40 +1,82 @@
 """What a supported model looks like: its attention stacks, their layers and K/V shapes.
 
-``read_spec(model)`` is the one function that reads these values, from the model's config,
-and checks them against the model's own modules. Everything else uses the ``ModelSpec``.
+``read_spec(model)`` finds them by mechanism, not by name: it runs the model once on three
+tokens with a recording attention function (``inject.record_attention_calls``) and reads,
+for every call of transformers' attention interface, which module made it and the key and value
+tensors' heads and head dims (GQA, explicit or per-layer head_dim, fused QKV, MLA's differing K
+and V dims, q/k norms and partial RoPE are all already applied there). Any attention module that
+goes through ``ALL_ATTENTION_FUNCTIONS`` can carry a prefix; the rest is refused with the reason.
+Everything else uses the ``ModelSpec``.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
+from prefixtune.core.inject import AttentionCall, record_attention_calls, record_cache_shapes
+
 Kind = Literal["causal", "seq2seq", "encoder"]
+Route = Literal["attention", "cache"]
 Stack = Literal["encoder", "decoder", "cross"]
+LayerDims = tuple[int, int, int, int]  # (key heads, key head_dim, value heads, value head_dim)
+
+# Families whose attention is not written against transformers' attention interface: the reason each
+# is refused (checked by the tests; the probe would find no attention calls in them).
+NOT_INTERFACE = ("computes attention inside its own module, not through transformers' attention interface "
+                 "(ALL_ATTENTION_FUNCTIONS), so prefixtune cannot put prefix keys/values in front of its keys")
+RECURRENT = ("has recurrent (Mamba / linear-attention / convolution) layers whose state a prefix cannot set: "
+             "K/V in front of its attention layers would not act as real past tokens, so it is refused")
 
 
 @dataclass(frozen=True)
 class StackSpec:
-    """One attention stack that can carry a prefix (e.g. the decoder's self-attention)."""
+    """One attention stack that can carry a prefix (e.g. the decoder's self-attention).
+
+    ``num_kv_heads`` / ``head_dim`` are those of every layer when the stack is uniform; otherwise
+    ``layer_dims`` gives each layer's (key heads, key dim, value heads, value dim) and the prefix of
+    one position is laid out layer by layer as [keys (heads·dim), values (heads·dim)].
+    """
 
     name: Stack
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    layer_dims: tuple[LayerDims, ...] = ()
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same heads and head dim for keys and values: (P, layers, 2, heads, dim)."""
+        return not self.layer_dims
+
+    def dims(self, layer: int) -> LayerDims:
+        if self.layer_dims:
+            return self.layer_dims[layer]
+        return self.num_kv_heads, self.head_dim, self.num_kv_heads, self.head_dim
 
     @property
     def kv_dim(self) -> int:
-        """num_kv_heads × head_dim: the width of one key (or value) vector."""
+        """num_kv_heads × head_dim: the width of one key (or value) vector (uniform stacks)."""
+        if not self.uniform:
+            raise ValueError(f"the '{self.name}' stack's layers differ in K/V shapes {self.layer_dims}: no one kv_dim")
         return self.num_kv_heads * self.head_dim
 
     @property
     def width(self) -> int:
-        """layers · 2 · kv_dim: the width of one prefix position across the whole stack."""
-        return self.num_layers * 2 * self.kv_dim
+        """The width of one prefix position across the whole stack (layers · 2 · kv_dim when uniform)."""
+        return sum(kh * kd + vh * vd for kh, kd, vh, vd in (self.dims(i) for i in range(self.num_layers)))
+
+    def layer_slices(self, layer: int) -> tuple[tuple[int, int], tuple[int, int], LayerDims]:
+        """Column ranges of ``layer``'s keys and values in a flat (…, width) prefix, and its dims."""
+        start = sum(kh * kd + vh * vd for kh, kd, vh, vd in (self.dims(i) for i in range(layer)))
+        kh, kd, vh, vd = self.dims(layer)
+        mid = start + kh * kd
+        return (start, mid), (mid, mid + vh * vd), (kh, kd, vh, vd)
 
 
 @dataclass(frozen=True)
@@ -48,7 +90,8 @@ class ModelSpec:
     hidden_size: int
     vocab_size: int
     shift_positions: bool
-    slots: tuple[tuple[str, Stack, int], ...]  # (module path, stack, layer)
+    slots: tuple[tuple[str, Stack, int], ...]  # (module path, stack, layer); () on the cache route
+    route: Route = "attention"  # "cache": the prefix is the first P positions of the model's own KV cache
 
     def stack(self, name: str) -> StackSpec:
         for s in self.stacks:
@@ -57,148 +100,143 @@ class ModelSpec:
         raise KeyError(f"{self.architecture} has no '{name}' attention stack (has {[s.name for s in self.stacks]})")
 
 
-@dataclass(frozen=True)
-class _Arch:
-    kind: Kind
-    patterns: dict[str, str]  # stack -> regex on the module path, group 1 = layer index
-    dims: Callable[[Any, str], tuple[int, int, int]]  # (config, stack) -> (layers, kv_heads, head_dim)
-    hidden: Callable[[Any], int]
+_ENC_LEN, _DEC_LEN = 3, 2  # probe lengths; different, so that cross-attention is told by its key length
+_CACHE: weakref.WeakKeyDictionary[nn.Module, ModelSpec] = weakref.WeakKeyDictionary()
 
 
-def _gqa_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    # The attention classes of these architectures define head_dim this way themselves.
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv, head_dim
+def _text_config(cfg: Any) -> Any:
+    getter = getattr(cfg, "get_text_config", None)
+    return getter() if callable(getter) else cfg
 
 
-def _gpt2_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
-    return cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+def _probe_ids(model: nn.Module, length: int) -> torch.Tensor:
+    """(1, length) ids of ordinary tokens: no special, image or pad id of the config."""
+    cfg = model.config
+    vocab = model.get_input_embeddings().num_embeddings
+    special = set()
+    for c in (cfg, _text_config(cfg)):
+        for key, value in c.to_dict().items():
+            if isinstance(value, int) and ("token" in key or key.endswith("_id") or key.endswith("_index")):
+                special.add(value)
+    ids = [i for i in range(3, vocab) if i not in special][:length]
+    device = next(model.parameters()).device
+    return torch.tensor([ids], device=device)
 
 
-def _bart_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
-    if stack == "encoder":
-        return cfg.encoder_layers, cfg.encoder_attention_heads, cfg.d_model // cfg.encoder_attention_heads
-    return cfg.decoder_layers, cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
+def _refuse_recurrent(model: nn.Module, name: str, model_type: str) -> None:
+    cfg = _text_config(model.config)
+    types = set(getattr(cfg, "layer_types", None) or [])
+    attention_like = {"full_attention", "sliding_attention", "attention", "chunked_attention", "global", "local",
+                      "sliding_window", "full", "hybrid", "compressed_sparse_attention", "heavily_compressed_attention"}
+    recurrent = sorted(t for t in types if isinstance(t, str) and t not in attention_like)
+    kinds = ("Mamba", "Mixer", "LinearAttention", "GatedDeltaNet", "ShortConv", "SSM", "Recurrent", "Retention")
+    classes = sorted({type(m).__name__ for m in model.modules() if any(k in type(m).__name__ for k in kinds)})
+    if recurrent or classes:
+        found = recurrent or classes
+        raise ValueError(f"{name} (model_type={model_type!r}) {RECURRENT} (found {found[:4]})")
 
 
-def _t5_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
-    layers = cfg.num_layers if stack == "encoder" else (cfg.num_decoder_layers or cfg.num_layers)
-    return layers, cfg.num_heads, cfg.d_kv
+def _stack_of(call: AttentionCall, path: str, kind: Kind, encoder_paths: set[str]) -> Stack:
+    if kind == "encoder":
+        return "encoder"
+    if kind == "causal":
+        return "decoder"
+    if any(path == e or path.startswith(e + ".") for e in encoder_paths):
+        return "encoder"
+    return "cross" if call.kv_len == _ENC_LEN and call.q_len == _DEC_LEN else "decoder"
 
 
-def _bert_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
-    return cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+def _stack_spec(name: Stack, dims: list[LayerDims]) -> StackSpec:
+    kh, kd = dims[0][:2]
+    uniform = all(d == (kh, kd, kh, kd) for d in dims)
+    return StackSpec(name, len(dims), kh, kd, () if uniform else tuple(dims))
 
 
-def _distilbert_dims(cfg: Any, stack: str) -> tuple[int, int, int]:
-    return cfg.n_layers, cfg.n_heads, cfg.dim // cfg.n_heads
+def _takes_position_ids(model: nn.Module, seq2seq: bool) -> bool:
+    """Decoder-only models are shifted by P through ``position_ids``; a forward without it counts positions
+    from its cache (BART's decoder as a causal LM, TrOCR), so those take the cache route."""
+    if seq2seq or not callable(getattr(model, "forward", None)):
+        return True
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
-_DECODER_ONLY = _Arch("causal", {"decoder": r"layers\.(\d+)\.self_attn"}, _gqa_dims, lambda c: c.hidden_size)
-_BERT_LIKE = _Arch("encoder", {"encoder": r"encoder\.layer\.(\d+)\.attention\.self"}, _bert_dims,
-                   lambda c: c.hidden_size)
-
-ARCHITECTURES: dict[str, _Arch] = {
-    "llama": _DECODER_ONLY,
-    "mistral": _DECODER_ONLY,
-    "qwen2": _DECODER_ONLY,
-    "qwen3": _DECODER_ONLY,
-    "gpt2": _Arch("causal", {"decoder": r"h\.(\d+)\.attn"}, _gpt2_dims, lambda c: c.n_embd),
-    "bart": _Arch(
-        "seq2seq",
-        {
-            "encoder": r"encoder\.layers\.(\d+)\.self_attn",
-            "decoder": r"decoder\.layers\.(\d+)\.self_attn",
-            "cross": r"decoder\.layers\.(\d+)\.encoder_attn",
-        },
-        _bart_dims,
-        lambda c: c.d_model,
-    ),
-    "t5": _Arch(
-        "seq2seq",
-        {
-            "encoder": r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention",
-            "decoder": r"decoder\.block\.(\d+)\.layer\.0\.SelfAttention",
-            "cross": r"decoder\.block\.(\d+)\.layer\.1\.EncDecAttention",
-        },
-        _t5_dims,
-        lambda c: c.d_model,
-    ),
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
-    "distilbert": _Arch("encoder", {"encoder": r"transformer\.layer\.(\d+)\.attention"}, _distilbert_dims,
-                        lambda c: c.dim),
-}
-# Not supported, on purpose: DeBERTa(-v2) computes disentangled relative-position attention inside its own
-# attention class (content-to-position and position-to-content terms over the keys), not through transformers'
-# attention interface, so prefix keys would need positions of their own; it is refused like any other.
-
-
-def _key_projection_width(module: nn.Module) -> int | None:
-    """Output width of a self-attention module's key projection, where it has a separate one."""
-    for name in ("k_proj", "k", "key", "k_lin"):
-        proj = getattr(module, name, None)
-        if isinstance(proj, nn.Linear):
-            return proj.out_features
-    return None
+def _cache_route_spec(model: nn.Module, name: str, model_type: str, seq2seq: bool, inputs: dict[str, Any]
+                      ) -> ModelSpec:
+    """The second route, for decoder-only models: the prefix as P past positions of the model's own cache."""
+    dims = [] if seq2seq else record_cache_shapes(model, **inputs)
+    if not dims:
+        raise ValueError(f"{name} (model_type={model_type!r}) {NOT_INTERFACE}, and it keeps no standard "
+                         "per-layer KV cache (DynamicCache) to carry the prefix instead")
+    emb = model.get_input_embeddings()
+    return ModelSpec(
+        model_type=model_type, architecture=name, kind="causal", stacks=(_stack_spec("decoder", dims),),
+        hidden_size=emb.embedding_dim,
+        vocab_size=int(getattr(_text_config(model.config), "vocab_size", None) or emb.num_embeddings),
+        shift_positions=True, slots=(), route="cache",
+    )
 
 
 def read_spec(model: nn.Module) -> ModelSpec:
-    """Read layers, K/V heads and head_dim of every prefix-carrying attention stack of ``model``.
+    """Find every prefix-carrying attention layer of ``model`` and its K/V shapes (cached per model).
 
-    Raises ValueError naming the architecture when it is not supported, or when the config
-    disagrees with the model's own modules.
+    Raises ValueError naming the class and the reason when ``model`` cannot carry a prefix exactly.
     """
+    cached = _CACHE.get(model)
+    if cached is not None:
+        return cached
+    spec = _read_spec(model)
+    _CACHE[model] = spec
+    return spec
+
+
+def _read_spec(model: nn.Module) -> ModelSpec:
     cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
+    model_type = str(getattr(cfg, "model_type", None))
     name = type(model).__name__
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"prefixtune does not support the architecture {name} (model_type={model_type!r}); "
-            f"supported model types: {sorted(ARCHITECTURES)}"
-        )
-    arch = ARCHITECTURES[model_type]
-    found: dict[str, dict[int, str]] = {stack: {} for stack in arch.patterns}
-    compiled = {stack: re.compile(r"(?:^|\.)" + pat + r"$") for stack, pat in arch.patterns.items()}
-    modules = dict(model.named_modules())
-    for path in modules:
-        for stack, rx in compiled.items():
-            m = rx.search(path)
-            if m:
-                found[stack][int(m.group(1))] = path
-    stacks: list[StackSpec] = []
+    if cfg is None or not hasattr(model, "get_input_embeddings"):
+        raise ValueError(f"{name} is not a transformers model (it has no config / input embeddings)")
+    _refuse_recurrent(model, name, model_type)
+    seq2seq = bool(getattr(cfg, "is_encoder_decoder", False))
+    inputs: dict[str, Any] = {"input_ids": _probe_ids(model, _ENC_LEN)}
+    if seq2seq:
+        inputs["decoder_input_ids"] = _probe_ids(model, _DEC_LEN)
+    calls = record_attention_calls(model, **inputs)
+    if not calls or not _takes_position_ids(model, seq2seq):
+        return _cache_route_spec(model, name, model_type, seq2seq, inputs)
+    paths = {id(m): p for p, m in model.named_modules()}
+    if seq2seq:
+        kind: Kind = "seq2seq"
+    else:
+        kind = "causal" if all(c.causal for c in calls) else "encoder"
+        if any(c.causal for c in calls) and kind == "encoder":
+            raise ValueError(f"{name}: some attention layers are causal and some are not; prefixtune needs one kind")
+    encoder_paths: set[str] = set()
+    if seq2seq:
+        encoder = model.get_encoder()
+        encoder_paths = {p for p, m in model.named_modules() if m is encoder}
+    seen: set[int] = set()
     slots: list[tuple[str, Stack, int]] = []
-    for stack, by_layer in found.items():
-        if not by_layer:
-            continue  # e.g. an encoder-only head of a seq2seq model
-        layers, kv_heads, head_dim = arch.dims(cfg, stack)
-        if sorted(by_layer) != list(range(layers)):
-            raise ValueError(
-                f"{name}: config says {layers} {stack} layers but the model has attention modules for "
-                f"layers {sorted(by_layer)}"
-            )
-        for layer, path in sorted(by_layer.items()):
-            width = _key_projection_width(modules[path])
-            if stack != "cross" and width is not None and width != kv_heads * head_dim:
-                raise ValueError(
-                    f"{name}: {path} projects keys to {width} features, but the config gives "
-                    f"{kv_heads} KV heads × head_dim {head_dim} = {kv_heads * head_dim}"
-                )
-            slots.append((path, stack, layer))  # type: ignore[arg-type]
-        stacks.append(StackSpec(stack, layers, kv_heads, head_dim))  # type: ignore[arg-type]
-    if not stacks:
-        raise ValueError(f"{name}: found no attention modules to attach a prefix to")
-    vocab = getattr(cfg, "vocab_size", 0)
+    dims: dict[Stack, list[LayerDims]] = {}
+    for call in calls:
+        if id(call.module) in seen:
+            raise ValueError(f"{name}: {paths[id(call.module)]} is called more than once per forward (shared "
+                             "layers); a prefix per call would need one module per call, so it is refused")
+        seen.add(id(call.module))
+        path = paths[id(call.module)]
+        stack = _stack_of(call, path, kind, encoder_paths)
+        layer_dims = dims.setdefault(stack, [])
+        slots.append((path, stack, len(layer_dims)))
+        layer_dims.append((call.k_heads, call.k_dim, call.v_heads, call.v_dim))
+    order = ("encoder", "decoder", "cross")
+    stacks = tuple(_stack_spec(s, dims[s]) for s in order if s in dims)  # type: ignore[arg-type]
+    emb = model.get_input_embeddings()
     return ModelSpec(
         model_type=model_type,
         architecture=name,
-        kind=arch.kind,
-        stacks=tuple(stacks),
-        hidden_size=arch.hidden(cfg),
-        vocab_size=vocab,
-        shift_positions=arch.kind == "causal",
+        kind=kind,
+        stacks=stacks,
+        hidden_size=emb.embedding_dim,
+        vocab_size=int(getattr(_text_config(cfg), "vocab_size", None) or emb.num_embeddings),
+        shift_positions=kind == "causal",
         slots=tuple(slots),
     )

@@ -1,0 +1,189 @@
+"""Write docs/support.md: every causal-LM model type of the installed transformers, supported or refused.
+
+For each type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random model is built from its config
+(``tests/tiny_models.tiny_causal_lm``: 2 layers, width 32) and checked against the real-token rule
+(``tests/reference.real_token_equivalence``: logits and greedy tokens of a prefix initialized from
+t0's own K/V equal the base model's after [t0; x]). Beside it, PEFT's prefix tuning is run on the same
+tiny model (forward + 2 greedy tokens without an exception; PEFT makes no equivalence claim).
+Each type runs in its own forked process (memory and time limits), one at a time.
+
+    .venv/bin/python scripts/support_matrix.py [--out docs/support.md] [--types llama gpt2 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+
+TEST = "tests/core/test_every_architecture.py::test_prefix_from_real_tokens_equals_those_tokens"
+
+
+def _reason(message: str) -> str:
+    """A short class of refusal, for the counts."""
+    if "attention interface" in message:
+        return "attention not through the interface"
+    if "recurrent" in message:
+        return "recurrent / hybrid layers"
+    if "called more than once" in message:
+        return "shared layers"
+    if "attn_implementation" in message:
+        return "attention implementation"
+    return "fails the real-token check" if message.startswith("AssertionError") else "error"
+
+
+def check(model_type: str) -> dict:
+    """One type: build, prefixtune's real-token rule, PEFT's prefix tuning."""
+    import warnings
+
+    from reference import real_token_equivalence
+    from tiny_models import tiny_causal_lm
+
+    from prefixtune.core.spec import read_spec
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out: dict = {"class": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}
+    try:
+        model = tiny_causal_lm(model_type)
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    except Exception as exc:  # the family does not build from its default config shrunk
+        out["build"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return out
+    try:
+        read_spec(model)
+        out["result"] = real_token_equivalence(model)
+        out["status"] = "supported"
+    except ValueError as exc:
+        out["status"], out["reason"] = "refused", str(exc)[:300]
+    except Exception as exc:
+        out["status"], out["reason"] = "fails", f"{type(exc).__name__}: {str(exc)[:240]}"
+    out["peft"] = _peft(model_type)
+    return out
+
+
+def _peft(model_type: str) -> str:
+    from tiny_models import tiny_causal_lm
+
+    try:
+        from peft import PrefixTuningConfig, get_peft_model
+
+        model = get_peft_model(tiny_causal_lm(model_type), PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                               num_virtual_tokens=4))
+        ids = torch.tensor([[5, 6, 7]])
+        model(input_ids=ids)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+        return "runs"
+    except Exception as exc:
+        return f"fails ({type(exc).__name__})"
+
+
+def forked(fn, arg: str, timeout: int = 120, mem_gb: int = 8) -> dict:
+    """``fn(arg)`` in a child process with an address-space and time limit."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        resource.setrlimit(resource.RLIMIT_AS, (mem_gb << 30, mem_gb << 30))
+        signal.alarm(timeout)
+        try:
+            data = fn(arg)
+        except BaseException as exc:
+            data = {"build": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        os.write(w, json.dumps(data).encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 1 << 16):
+        chunks.append(chunk)
+    os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks)) if chunks else {"build": f"killed (over {timeout} s or {mem_gb} GiB)"}
+
+
+def render(results: dict[str, dict]) -> str:
+    built = {t: r for t, r in results.items() if "build" not in r}
+    counts = Counter(r["status"] for r in built.values())
+    reasons = Counter(_reason(r["reason"]) for r in built.values() if r["status"] != "supported")
+    peft = Counter(r["peft"] == "runs" for r in built.values())
+    both = sum(r["status"] == "supported" for r in results.values() if r.get("peft") == "runs")
+    lines = [
+        "# Supported models",
+        "",
+        f"Written by `scripts/support_matrix.py` from transformers {transformers.__version__} (do not edit by hand).",
+        f"Of {len(results)} causal-LM model types, {len(built)} build from a tiny config. Of those:",
+        "",
+        f"- **supported: {counts['supported']}**: a prefix initialized from the model's own K/V of real tokens t0",
+        "  gives the base model's logits and greedy tokens after [t0; x], proven by",
+        f"  `{TEST}`;",
+        f"- refused: {counts['refused']}, with the reason in the error; fails the check: {counts['fails']};",
+        "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";",
+        f"- PEFT {_peft_version()} prefix tuning runs (no equivalence claimed) on {peft[True]} of them "
+        f"({both} of those are also supported here).",
+        "",
+        "| model type | class | prefixtune | reason | PEFT prefix tuning |",
+        "|---|---|---|---|---|",
+    ]
+    for t, r in sorted(results.items()):
+        if "build" in r:
+            lines.append(f"| {t} | {r.get('class', '')} | not built | {_cell(r['build'])} | |")
+        else:
+            reason = "" if r["status"] == "supported" else _cell(r["reason"])
+            lines.append(f"| {t} | {r['class']} | {r['status']} | {reason} | {r['peft']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _peft_version() -> str:
+    try:
+        import peft
+
+        return peft.__version__
+    except ImportError:
+        return "(not installed)"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")[:160]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "support.md"))
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--types", nargs="*", default=None)
+    args = parser.parse_args()
+    types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    import peft  # noqa: F401  (imported once here, so that each forked child starts warm)
+    import reference  # noqa: F401
+    import tiny_models  # noqa: F401
+
+    import prefixtune.core.model  # noqa: F401
+    results = {}
+    for t in types:
+        start = time.time()
+        results[t] = forked(check, t)
+        r = results[t]
+        print(f"{t:28s} {r.get('status', 'not built'):10s} peft={r.get('peft', '-'):18s} {time.time() - start:5.1f}s "
+              f"{(r.get('reason') or r.get('build') or '')[:110]}", flush=True)
+    Path(args.out).write_text(render(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(render(results).split("| model type")[0])
+
+
+if __name__ == "__main__":
+    main()
