@@ -292,12 +292,13 @@ def test_prefill_groups_prompts_of_similar_length_so_padding_stays_within_the_bo
                                              with_kwargs=True)
     lengths = [2, 40, 2, 11, 3, 10, 39, 40]
     prompts = [list(range(5, 5 + n)) for n in lengths]
+    padded_engine, grouped_engine = Engine(model, EngineConfig(max_prefill_padding=1e9)), Engine(model)
     try:
-        padded = Engine(model, EngineConfig(max_prefill_padding=1e9)).generate(prompts,
-                                                                               SamplingParams(max_new_tokens=3))
+        shapes.clear()  # only the forwards of generation count
+        padded = padded_engine.generate(prompts, SamplingParams(max_new_tokens=3))
         one_group = list(shapes)
         shapes.clear()
-        grouped = Engine(model).generate(prompts, SamplingParams(max_new_tokens=3))
+        grouped = grouped_engine.generate(prompts, SamplingParams(max_new_tokens=3))
     finally:
         handle.remove()
     assert grouped == padded  # the grouping changes the cost, not the tokens
@@ -328,3 +329,12 @@ def test_preallocated_cache_writes_new_tokens_in_place_and_holds_what_a_dynamic_
     assert isinstance(pre.layers[0], type(layer)) and pre.layers[0].keys.shape == (2, 2, 8, 4)
     merged = merge_caches(pre, pre)
     assert isinstance(merged, PreallocatedCache) and merged.layers[0].keys.shape == (4, 2, 8, 4)
+
+
+@pytest.mark.slow  # torch.compile's first call takes minutes of CPU
+def test_compiled_decode_gives_the_tokens_of_prefix_model_generate():
+    model, prefixes, work, expected = _prefixes_and_references("llama", 0)
+    engine = _engine(model, prefixes, EngineConfig(max_batch_size=3, max_prefill_batch=2, compile_decode="default"))
+    got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
+                          [w[1] for w in work])
+    assert got == expected and engine._decode_model is not None

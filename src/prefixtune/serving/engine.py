@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 COUNTERS = ("requests_submitted", "requests_rejected", "requests_stop", "requests_length", "requests_cancelled",
             "requests_error", "prompt_tokens", "generated_tokens", "steps", "decoded_rows")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,9 @@ class EngineConfig:
             requests per forward.
         kv_cache: the cache layout (``core/cache.py``): "preallocated" writes each new token's K/V in
             place (no per-step copy of the cache); "dynamic" is transformers' ``DynamicCache``.
+        compile_decode: "off", or a ``torch.compile`` mode ("default", "reduce-overhead" for CUDA
+            graphs on a GPU, "max-autotune") for the decode step's forward, compiled with dynamic
+            shapes (batch size and cache length change from step to step) on its first use.
     """
 
     max_batch_size: int = 32
@@ -89,6 +93,7 @@ class EngineConfig:
     max_resident_prefixes: int | None = None
     max_prefill_padding: float = 0.05
     kv_cache: Layout = "preallocated"
+    compile_decode: str = "off"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_batch"):
@@ -107,6 +112,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_padding must be a number >= 0, got {self.max_prefill_padding!r}")
         if self.kv_cache not in LAYOUTS:
             raise ValueError(f"kv_cache must be one of {LAYOUTS}, got {self.kv_cache!r}")
+        if self.compile_decode not in COMPILE_MODES:
+            raise ValueError(f"compile_decode must be one of {COMPILE_MODES}, got {self.compile_decode!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +160,7 @@ class Engine:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_context = self.config.max_context or getattr(model.config, "max_position_embeddings", None) or 2**31
         self._pad_id = 0
+        self._decode_model: nn.Module | None = None  # compiled on first use (compile_decode)
         self.prefixes = PrefixRegistry(model, self.spec, self.device, self.dtype, self.max_context - 1,
                                        self.config.max_resident_prefixes)
         self.scheduler = Scheduler(self.config.max_batch_size, self.config.max_waiting,
@@ -364,15 +372,22 @@ class Engine:
     def _decode(self, batch: RunningBatch) -> None:
         """Feed every row of ``batch`` its pending token: one (B, 1) forward over its cache."""
         ids, positions, mask = batch.decode_inputs()
-        logits = self._forward(ids, mask, positions, batch.cache)
+        logits = self._forward(ids, mask, positions, batch.cache, decode=True)
         batch.decoded(mask)
         self._count("steps")
         self._count("decoded_rows", len(batch))
         self._sample(batch.rows, logits)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object,
+                 decode: bool = False) -> torch.Tensor:
         """ids, positions (B, T); mask (B, cached + T). Returns the last position's logits (B, V) float32."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        model = self.model
+        if decode and self.config.compile_decode != "off":
+            if self._decode_model is None:
+                mode = None if self.config.compile_decode == "default" else self.config.compile_decode
+                self._decode_model = torch.compile(self.model, mode=mode, dynamic=True)
+            model = self._decode_model
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
