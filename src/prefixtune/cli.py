@@ -256,9 +256,9 @@ def train_settings(a: argparse.Namespace) -> dict[str, Any]:
     flags = given(a, "data") | given(a, "cdata")
     if spec_cls is ClassifySpec and "source_field" in flags:
         flags["text_field"] = flags.pop("source_field")
-    spec_fields = {f.name for f in dataclasses.fields(spec_cls)}
-    for name in sorted(set(flags) - spec_fields):
-        raise ConfigError(f"{flag_of(DataSpec, name)}: does not apply to --task {kind}")
+    other_task = sorted(set(flags) - {f.name for f in dataclasses.fields(spec_cls)})
+    if other_task:
+        raise ConfigError(f"{flag_of(DataSpec, other_task[0])}: does not apply to --task {kind}")
     configs = {}
     for section, cls in (("data", spec_cls), ("prefix", PrefixConfig), ("train", TrainConfig)):
         values = file.get(section) or {}

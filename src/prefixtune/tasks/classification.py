@@ -170,8 +170,9 @@ class ClassificationTask:
     def attach(self, model: nn.Module, prefix: PrefixConfig, tokenizer: Any) -> PrefixModel:
         return attach_classifier(model, prefix, self.head)
 
-    def encode(self, tokenizer: Any, records: Sequence[ClassExample], *, training: bool) -> list[EncodedClass]:
-        return encode_examples(tokenizer, records, self.spec.max_length)
+    def encode(self, tokenizer: Any, records: Sequence[ClassExample], *, training: bool
+               ) -> tuple[list[EncodedClass], int]:
+        return encode_examples(tokenizer, records, self.spec.max_length), 0  # cutting at max_length is the policy
 
     def dev_records(self, records: list[ClassExample]) -> list[ClassExample]:
         return records

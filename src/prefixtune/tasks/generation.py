@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -118,13 +117,10 @@ class GenerationTask:
     def attach(self, model: nn.Module, prefix: PrefixConfig, tokenizer: Any) -> PrefixModel:
         return attach(model, prefix, tokenizer)
 
-    def encode(self, tokenizer: Any, records: Sequence[Example], *, training: bool) -> list[EncodedExample]:
+    def encode(self, tokenizer: Any, records: Sequence[Example], *, training: bool
+               ) -> tuple[list[EncodedExample], int]:
         policy = self.spec.on_too_long if training else "truncate"
-        encoded, changed = encode_all(tokenizer, records, self.spec.format, self.spec.max_length, policy)
-        if changed and training:
-            print(f"note: {changed} training example(s) {policy} (longer than --max-length {self.spec.max_length})",
-                  file=sys.stderr)
-        return encoded
+        return encode_all(tokenizer, records, self.spec.format, self.spec.max_length, policy)
 
     def dev_records(self, records: list[Example]) -> list[Example]:
         """The dev examples the dev loss uses: a subset of ``dev_limit``, seeded alike in every run."""

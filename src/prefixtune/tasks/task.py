@@ -65,8 +65,9 @@ class Task(Protocol):
     def attach(self, model: nn.Module, prefix: PrefixConfig, tokenizer: Any) -> PrefixModel:
         """Freeze ``model`` and give it a trainable prefix (and head, where the task trains one)."""
 
-    def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool) -> list[Any]:
-        """Token ids of ``records``; ``training`` applies the spec's too-long policy (else truncates)."""
+    def encode(self, tokenizer: Any, records: Sequence[Any], *, training: bool) -> tuple[list[Any], int]:
+        """Token ids of ``records``, and how many were cut or skipped for length (``training`` applies the
+        spec's too-long policy; otherwise over-long ones are truncated)."""
 
     def collate(self, batch: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
         """A padded batch: ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B, T) or (B,)."""

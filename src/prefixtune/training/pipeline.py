@@ -31,17 +31,29 @@ from prefixtune.training.plots import plot_log
 from prefixtune.training.runs import FILES, RunRecord, check_resume, data_fingerprint, locate_run, versions
 
 
+def training_records(task: Task, seed: int) -> list[Any]:
+    """The training split's records: a seeded subset of ``train_limit`` of them where it is set."""
+    records = task.read(task.spec.split)
+    return shuffled_subset(records, task.spec.train_limit, seed) if task.spec.train_limit is not None else records
+
+
+def encode_data(task: Task, tokenizer: Any, records: list[Any]) -> tuple[list[Any], list[Any] | None]:
+    """The encoded training records (with a note on rank 0 of how many the too-long policy changed) and the
+    encoded dev set (None without a dev split)."""
+    encoded, changed = task.encode(tokenizer, records, training=True)
+    if changed and distributed.is_main():  # only a task with a too-long policy (generation) counts any
+        print(f"note: {changed} training example(s) {task.spec.on_too_long} (longer than --max-length "
+              f"{task.spec.max_length})", file=sys.stderr)
+    dev = None
+    if task.spec.dev_split:
+        dev, _ = task.encode(tokenizer, task.dev_records(task.read(task.spec.dev_split)), training=False)
+    return encoded, dev
+
+
 def prepare_data(task: Task, tokenizer: Any, seed: int) -> tuple[list[Any], list[Any], list[Any] | None]:
     """Training records (a seeded subset of ``train_limit``), their encodings, and the encoded dev set (or None)."""
-    spec = task.spec
-    records = task.read(spec.split)
-    if spec.train_limit is not None:
-        records = shuffled_subset(records, spec.train_limit, seed)
-    encoded = task.encode(tokenizer, records, training=True)
-    dev = None
-    if spec.dev_split:
-        dev = task.encode(tokenizer, task.dev_records(task.read(spec.dev_split)), training=False)
-    return records, encoded, dev
+    records = training_records(task, seed)
+    return (records, *encode_data(task, tokenizer, records))
 
 
 def _check_fresh(out: Path, resume: bool) -> None:
@@ -109,10 +121,11 @@ def train_run(out_dir: str | Path, model_name: str, task: Task, prefix: PrefixCo
     distributed.init_from_env()
     out = Path(out_dir)
     _check_fresh(out, resume)
+    records = training_records(task, train.seed)  # first: a classification head's size is its label count
     torch.manual_seed(train.seed)  # before the model: a classification head is new (loading draws nothing else)
     with distributed.main_first():  # one download into a shared cache
         model, tokenizer = task.load_model(model_name)
-    records, encoded, dev = prepare_data(task, tokenizer, train.seed)
+    encoded, dev = encode_data(task, tokenizer, records)
     pm = task.attach(model, prefix, tokenizer)
     pm, sharded = _place(pm, fsdp)
     dist_record = _distributed_record(train, fsdp) | ({"sharded_blocks": sharded} if sharded is not None else {})
