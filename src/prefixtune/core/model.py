@@ -225,7 +225,8 @@ class PrefixModel(nn.Module):
         self.base.add_model_tags(tags)
 
     def enable_input_require_grads(self) -> None:
-        """Make the embeddings' output require grad (for reentrant checkpointing; non-reentrant needs none)."""
+        """Make the embeddings' output require grad (TRL calls it for PEFT models; the prefix's gradients flow
+        without it, with or without checkpointing)."""
         self.base.enable_input_require_grads()
 
     def disable_input_require_grads(self) -> None:
