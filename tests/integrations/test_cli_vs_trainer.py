@@ -83,9 +83,10 @@ def test_cli_and_trainer_reach_the_same_prefix(tmp_path, jsonl, warmup, decay):
     task, train = settings["task"], settings["train"]
     assert (train.warmup_steps, train.weight_decay, train.grad_accum) == (warmup, decay, 1)
     assert settings["prefix"].dropout == 0
-    torch.manual_seed(train.seed)  # as pipeline.train_run: seed, model, data, prefix
+    records = pipeline.training_records(task, train.seed)  # as pipeline.train_run: records, seed, model, prefix
+    torch.manual_seed(train.seed)
     model, tokenizer = task.load_model(settings["model_name"])
-    _, encoded, _ = pipeline.prepare_data(task, tokenizer, train.seed)
+    encoded, _ = pipeline.encode_data(task, tokenizer, records)
     pm = task.attach(model, settings["prefix"], tokenizer)
     pad_id = task.pad_id(tokenizer)
     with torch.no_grad():
