@@ -37,6 +37,8 @@ def _reason(message: str) -> str:
     """A short class of refusal, for the counts."""
     if "attention interface" in message:
         return "attention not through the interface"
+    if "indexed (sparse) attention" in message:
+        return "indexed sparse attention"
     if "recurrent" in message:
         return "recurrent / hybrid layers"
     if "called more than once" in message:
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "support.md"))
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--types", nargs="*", default=None)
+    parser.add_argument("--merge", default=None, help="start from these raw results (--json of an earlier run)")
     args = parser.parse_args()
     types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     import peft  # noqa: F401  (imported once here, so that each forked child starts warm)
@@ -172,7 +175,7 @@ def main() -> None:
     import tiny_models  # noqa: F401
 
     import prefixtune.core.model  # noqa: F401
-    results = {}
+    results = json.loads(Path(args.merge).read_text()) if args.merge else {}
     for t in types:
         start = time.time()
         results[t] = forked(check, t)

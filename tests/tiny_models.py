@@ -148,7 +148,7 @@ TINY_SIZES: dict[str, int | None] = {
     **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_selected_experts"), 2),
     **dict.fromkeys(("num_shared_experts", "n_shared_experts"), 1),
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8,
-    "qk_head_dim": 12, "rotary_dim": 4, "rotary_emb_base": 10000,
+    "qk_head_dim": 12, "rotary_dim": 4, "rotary_emb_base": 10000, "n_group": 1, "topk_group": 1,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"), 128),
     "vocab_size": VOCAB,
     "initializer_range": 0.2,  # larger than the default 0.02, so that t0 visibly changes the tokens
@@ -163,6 +163,8 @@ def _shrink(cfg) -> None:
                 setattr(cfg, key, value)
     if getattr(cfg, "qk_rope_head_dim", None):  # MLA: RoPE runs on qk_rope_head_dim dims (its "head_dim")
         cfg.head_dim = cfg.qk_rope_head_dim
+        if hasattr(cfg, "num_key_value_heads"):  # and every head has its own K/V (no GQA grouping)
+            cfg.num_key_value_heads = cfg.num_attention_heads
     if getattr(cfg, "sliding_window", None):
         cfg.sliding_window = TINY_WINDOW
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):

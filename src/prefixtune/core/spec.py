@@ -33,6 +33,9 @@ NOT_INTERFACE = ("computes attention inside its own module, not through transfor
 RECURRENT = ("has recurrent (Mamba / linear-attention / convolution) layers whose state a prefix cannot set: "
              "K/V in front of its attention layers would not act as real past tokens, so it is refused")
 
+INDEXED = ("has indexed (sparse) attention: a learned indexer picks which cached keys each query attends to, "
+           "so prefix keys would be kept or dropped by the indexer rather than always seen; it is refused")
+
 
 @dataclass(frozen=True)
 class StackSpec:
@@ -127,7 +130,10 @@ def _refuse_recurrent(model: nn.Module, name: str, model_type: str) -> None:
     cfg = _text_config(model.config)
     types = set(getattr(cfg, "layer_types", None) or [])
     attention_like = {"full_attention", "sliding_attention", "attention", "chunked_attention", "global", "local",
-                      "sliding_window", "full", "hybrid", "compressed_sparse_attention", "heavily_compressed_attention"}
+                      "sliding_window", "full", "hybrid", "hybrid_sliding", "compressed_sparse_attention",
+                      "heavily_compressed_attention"}
+    if "indexed_attention" in types:
+        raise ValueError(f"{name} (model_type={model_type!r}) {INDEXED}")
     recurrent = sorted(t for t in types if isinstance(t, str) and t not in attention_like)
     kinds = ("Mamba", "Mixer", "LinearAttention", "GatedDeltaNet", "ShortConv", "SSM", "Recurrent", "Retention")
     classes = sorted({type(m).__name__ for m in model.modules() if any(k in type(m).__name__ for k in kinds)})
@@ -154,9 +160,12 @@ def _stack_spec(name: Stack, dims: list[LayerDims]) -> StackSpec:
 
 def _takes_position_ids(model: nn.Module, seq2seq: bool) -> bool:
     """Decoder-only models are shifted by P through ``position_ids``; a forward without it counts positions
-    from its cache (BART's decoder as a causal LM, TrOCR), so those take the cache route."""
+    from its cache (BART's decoder as a causal LM, TrOCR), and so do RoBERTa-like embeddings (their own
+    padding offset): those take the cache route."""
     if seq2seq or not callable(getattr(model, "forward", None)):
         return True
+    if any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules()):
+        return False  # RoBERTa-like: positions are padding_idx + 1 + count, given position_ids skip the offset
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
