@@ -5,7 +5,7 @@
 
 For each context length C: --batch prompts of C - --new-tokens random tokens, exactly --new-tokens
 greedy tokens each (EOS ignored), run four ways interleaved round by round: the engine with its
-"preallocated" cache (the default) and with "dynamic" (transformers' DynamicCache), and ``generate``
+"dynamic" cache (transformers' DynamicCache, the default) and with "preallocated", and ``generate``
 with its default cache and with ``cache_implementation="static"``. Printed: tokens/s (prefill included)
 and engine / best ``generate`` (target >= 1.0 on the CPU, >= 10 on a GPU), with the outputs checked
 equal. The same script runs on a GPU with ``--device cuda`` (bfloat16 there).

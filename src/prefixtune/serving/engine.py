@@ -79,8 +79,10 @@ class EngineConfig:
             to its longest prompt, with at most this much padding per real prompt token (0.05: a prefill
             costs at most 5% more than the sum of its prompts' lengths); a larger value joins more
             requests per forward.
-        kv_cache: the cache layout (``core/cache.py``): "preallocated" writes each new token's K/V in
-            place (no per-step copy of the cache); "dynamic" is transformers' ``DynamicCache``.
+        kv_cache: the cache layout (``core/cache.py``): "dynamic" is transformers' ``DynamicCache`` (a
+            copy of the cache per step); "preallocated" writes each new token's K/V in place. Both give the
+            same tokens; on the CPU "preallocated" measured slower (0.86x at 2,048 positions,
+            ``benchmarks/serve_decode.py``: attention over strided views), hence the default.
         compile_decode: "off", or a ``torch.compile`` mode ("default", "reduce-overhead" for CUDA
             graphs on a GPU, "max-autotune") for the decode step's forward, compiled with dynamic
             shapes (batch size and cache length change from step to step) on its first use.
@@ -92,7 +94,7 @@ class EngineConfig:
     max_context: int | None = None
     max_resident_prefixes: int | None = None
     max_prefill_padding: float = 0.05
-    kv_cache: Layout = "preallocated"
+    kv_cache: Layout = "dynamic"
     compile_decode: str = "off"
 
     def __post_init__(self) -> None:
