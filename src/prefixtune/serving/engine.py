@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -60,7 +61,8 @@ logger = logging.getLogger(__name__)
 
 COUNTERS = ("requests_submitted", "requests_rejected", "requests_stop", "requests_length", "requests_cancelled",
             "requests_error", "prompt_tokens", "generated_tokens", "steps", "decoded_rows")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,7 @@ class EngineConfig:
             beyond it go to CPU memory (or, on a CPU engine, back to their folder). None: all resident.
         max_prefill_padding: joiners are prefilled in groups of similar prompt length, each left-padded
             to its longest prompt, with at most this much padding per real prompt token (0.05: a prefill
-            costs at most 5% more than the sum of its prompts' lengths); a larger value joins more
+            costs at most 5 percent more than the sum of its prompts' lengths); a larger value joins more
             requests per forward.
         kv_cache: the cache layout (``core/cache.py``): "dynamic" is transformers' ``DynamicCache`` (a
             copy of the cache per step); "preallocated" writes each new token's K/V in place. Both give the
@@ -95,7 +97,7 @@ class EngineConfig:
     max_resident_prefixes: int | None = None
     max_prefill_padding: float = 0.05
     kv_cache: Layout = "dynamic"
-    compile_decode: str = "off"
+    compile_decode: CompileMode = "off"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_waiting", "max_prefill_batch"):
