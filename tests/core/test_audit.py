@@ -157,3 +157,25 @@ def test_row_prefixes_each_row_equals_that_row_alone_with_its_prefix(tmp_path, n
             alone.detach()
         torch.testing.assert_close(logits[r:r + 1, keep], ref, atol=1e-5, rtol=1e-5)
         assert torch.equal(tokens[r:r + 1], ref_tokens)
+
+
+@torch.no_grad()
+def test_beyond_the_sliding_window_forward_and_generate_agree_the_prefix_stays_visible():
+    """Meaning chosen: the prefix never slides out. Past the window, generate's step logits equal forward's."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, initializer_range=0.2,
+                        pad_token_id=0, attn_implementation="sdpa")
+    pm = attach(MistralForCausalLM(cfg).eval(), PrefixConfig(prefix_length=3, reparam=False))
+    _randomize(pm)
+    x = _ids(1, 9)  # longer than the window
+    out = pm.generate(input_ids=x, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+                      output_logits=True, return_dict_in_generate=True)
+    full = pm(input_ids=out.sequences).logits
+    steps = torch.stack(out.logits, dim=1)  # (1, 4, V): the logits that chose each new token
+    torch.testing.assert_close(steps, full[:, x.shape[1] - 1:-1], atol=1e-4, rtol=1e-4)
+    with pm.disabled():  # and the prefix matters there: it was not slid out
+        bare = pm(input_ids=out.sequences).logits
+    assert float((bare[:, -2] - full[:, -2]).abs().max()) > 1e-3

@@ -27,10 +27,10 @@ SUPPORTED = [  # docs/support.md, "supported"
     "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe",
     "kolibri1", "laguna", "lfm2", "llama", "llama4_text", "longcat_flash", "marian", "mbart", "mellum",
     "mimo_v2_flash", "minicpm3", "minimax_m2", "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral",
-    "mllama", "modernbert-decoder", "moshi", "moss_transcribe_diarize", "mvp", "nanochat", "olmo", "olmo2", "olmo3",
-    "olmoe", "opt", "pegasus", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "plbart", "qwen2",
-    "qwen2_moe", "qwen3", "qwen3_moe", "roc_bert", "roformer", "seed_oss", "smollm3", "solar_open", "starcoder2",
-    "trocr", "vaultgemma", "whisper", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
+    "mllama", "modernbert-decoder", "moshi", "moss_transcribe_diarize", "mvp", "nanochat", "nemotron", "olmo",
+    "olmo2", "olmo3", "olmoe", "opt", "pegasus", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "plbart",
+    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roc_bert", "roformer", "seed_oss", "smollm3", "solar_open",
+    "stablelm", "starcoder2", "trocr", "vaultgemma", "whisper", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
 ]
 
 # Refused, each with the reason its error gives (a representative of each reason).

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # spec.py imports this module (its probe), so only for annota
     from prefixtune.core.spec import ModelSpec, StackSpec
 
 SLOT_ATTR = "_prefixtune_slot"
+OWNER_ATTR = "_prefixtune_injection"
 KWARG = "prefixtune"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -188,6 +189,8 @@ def _make_attention(base: str) -> Callable[..., Any]:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # query: (B, heads, q, head_dim); key/value: (B, kv_heads, kv, head_dim)
         batch: PrefixBatch | None = kwargs.pop(KWARG, None)
+        if batch is None and hasattr(module, OWNER_ATTR):  # a layer that does not pass **kwargs down (StableLM)
+            batch = getattr(module, OWNER_ATTR).current
         fn = _model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         if _PROBE is not None:
             _PROBE.append(_record(module, query, key, value, attention_mask, kwargs))
@@ -411,6 +414,9 @@ class Injection:
         self.model = model
         self.spec = spec
         self._active: PrefixBatch | None = None
+        # The batch of the model call in progress, for layers that do not thread the keyword argument down
+        # (the keyword stays the primary way: it survives gradient checkpointing's recomputation).
+        self.current: PrefixBatch | None = None
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for sub in model.modules():  # refuse before changing anything
             impl = getattr(getattr(sub, "config", None), "_attn_implementation", None)
@@ -424,6 +430,7 @@ class Injection:
         for path, stack, layer in spec.slots:
             mod = modules[path]
             setattr(mod, SLOT_ATTR, (stack, layer))
+            setattr(mod, OWNER_ATTR, self)
             self._tagged.append(mod)
             cfg = getattr(mod, "config", None)
             if cfg is not None:
@@ -465,7 +472,7 @@ class Injection:
                     kwargs["attention_mask"] = torch.ones(bsz, past + q_len, dtype=torch.long, device=device)
                 if visible is not None:
                     batch = replace(batch, query_visible=visible)
-            kwargs[KWARG] = batch
+            kwargs[KWARG] = self.current = batch
             return args, kwargs
 
         return hook
@@ -510,6 +517,7 @@ class Injection:
             yield
         finally:
             self._active = previous
+            self.current = None
 
     def collect_kv(self, **inputs: Any) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
         """Run the model without a prefix and return every slot's own (keys, values).
@@ -529,8 +537,9 @@ class Injection:
         for h in self._hooks:
             h.remove()
         for mod in self._tagged:
-            if hasattr(mod, SLOT_ATTR):
-                delattr(mod, SLOT_ATTR)
+            for attr in (SLOT_ATTR, OWNER_ATTR):
+                if hasattr(mod, attr):
+                    delattr(mod, attr)
         for cfg, impl in self._saved_impl:
             cfg._attn_implementation_internal = impl
         for p, flag in self._requires_grad:

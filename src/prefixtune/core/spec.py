@@ -210,7 +210,7 @@ def _read_spec(model: nn.Module) -> ModelSpec:
     if seq2seq:
         inputs["decoder_input_ids"] = _probe_ids(model, _DEC_LEN)
     calls = record_attention_calls(model, **inputs)
-    if not calls or not _takes_position_ids(model, seq2seq):
+    if not calls:
         return _cache_route_spec(model, name, model_type, seq2seq, inputs)
     paths = {id(m): p for p, m in model.named_modules()}
     if seq2seq:
@@ -219,6 +219,8 @@ def _read_spec(model: nn.Module) -> ModelSpec:
         kind = "causal" if all(c.causal for c in calls) else "encoder"
         if any(c.causal for c in calls) and kind == "encoder":
             raise ValueError(f"{name}: some attention layers are causal and some are not; prefixtune needs one kind")
+        if kind == "causal" and not _takes_position_ids(model, seq2seq):
+            return _cache_route_spec(model, name, model_type, seq2seq, inputs)
     encoder_paths: set[str] = set()
     if seq2seq:
         encoder = model.get_encoder()
