@@ -89,6 +89,8 @@ KILLED = textwrap.dedent(
     from test_train import CFG, _examples, _model
     from prefixtune.training.loop import fit
 
+    torch.set_num_threads({threads})  # as many as the test process: bitwise equality needs the same reductions
+
     def kill_at_5(state):
         if state.step == 5:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -102,7 +104,8 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     ref = _model()
     fit(ref, _examples(), tmp_path / "a", CFG, pad_id=0, dev=_examples(4), progress=False)
     out = tmp_path / "b"
-    script = KILLED.format(tests=str(TESTS), tests_root=str(TESTS.parent), out=str(out))
+    script = KILLED.format(tests=str(TESTS), tests_root=str(TESTS.parent), out=str(out),
+                           threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     # killed after step 5 was taken but not checkpointed (every 2 steps, and at evals, every 3): resume replays it
