@@ -151,12 +151,15 @@ TINY_SIZES: dict[str, int | None] = {
     "qk_head_dim": 12, "rotary_dim": 4, "rotary_emb_base": 10000, "n_group": 1, "topk_group": 1,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"), 128),
     "vocab_size": VOCAB,
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,  # Gemma 3n per-layer inputs
     "initializer_range": 0.2,  # larger than the default 0.02, so that t0 visibly changes the tokens
 }
 TINY_WINDOW = 64  # sliding windows shrink to this: longer than every test input (inputs inside the window)
 
 
 def _shrink(cfg) -> None:
+    per_layer = [k for k in ("intermediate_size", "activation_sparsity_pattern")
+                 if isinstance(getattr(cfg, k, None), (list, tuple))]
     for key, value in TINY_SIZES.items():
         if key in cfg.__dict__ or hasattr(type(cfg), key):
             with contextlib.suppress(Exception):  # a derived (read-only) property of that family
@@ -171,10 +174,16 @@ def _shrink(cfg) -> None:
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value >= VOCAB:
             setattr(cfg, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
+    layers = 2
+    if getattr(cfg, "num_kv_shared_layers", 0):  # Gemma 3n: 2 layers of their own K/V, 2 that reuse them
+        layers = cfg.num_hidden_layers = 4
+        cfg.num_kv_shared_layers = 2
     types = getattr(cfg, "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) > 2:
-        kinds = list(dict.fromkeys(types))[:2]  # keep both kinds (e.g. sliding and full) in two layers
-        cfg.layer_types = (kinds * 2)[:2]
+    if isinstance(types, (list, tuple)) and len(types) > layers:
+        kinds = list(dict.fromkeys(types))[:2]  # keep both kinds (e.g. sliding and full)
+        cfg.layer_types = (kinds * layers)[:layers]
+    for key in per_layer:  # per-layer lists (Gemma 3n)
+        setattr(cfg, key, [{"intermediate_size": 64, "activation_sparsity_pattern": 0.0}[key]] * layers)
 
 
 def tiny_config(model_type: str, attn: str | None = None):
