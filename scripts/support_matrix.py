@@ -33,6 +33,32 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 TEST = "tests/core/test_every_architecture.py::test_prefix_from_real_tokens_equals_those_tokens"
 
 
+DECISIONS = [
+    "How types are decided (by mechanism, `src/prefixtune/core/spec.py`):",
+    "",
+    "- attention through transformers' attention interface: the prefix is put in front of each layer's keys and",
+    "  values inside the attention call; K/V heads and head dims are read from the tensors of one probe forward",
+    "  (GQA, fused QKV, MLA's differing K and V dims, per-layer dims);",
+    "- decoder-only models outside the interface, or whose positions do not come from `position_ids`: the prefix",
+    "  is written into the model's own `DynamicCache` as P past positions (PEFT's route);",
+    "- layers that reuse another layer's K/V (Gemma 3n) get their own prefix slot, initialized from the K/V",
+    "  they reuse, so the real-token rule holds and training may let them differ;",
+    "- recurrent / hybrid models (Mamba, linear attention, short convolutions: Jamba, Bamba, Zamba, Falcon-H1,",
+    "  LFM2, Qwen3-Next, ...) are refused: K/V on their attention layers would not act as real past tokens,",
+    "  because the recurrent state of those tokens is missing;",
+    "- indexed sparse attention (DeepSeek V3.2, GLM DSA) is refused: its indexer would choose among prefix keys;",
+    "- sliding windows: the prefix always stays visible (it never slides out); inside the window this equals",
+    "  P real past tokens; `PrefixModel.forward` and `generate` agree past it",
+    "  (`tests/core/test_audit.py::test_beyond_the_sliding_window_forward_and_generate_agree_`",
+    "  `the_prefix_stays_visible`);",
+    "- `flash_attention_2` is refused (untestable on this project's machines); `sdpa` and `eager` are supported,",
+    "  static caches too; `flex_attention` is not yet.",
+    "",
+    "'not built' types are families whose default config does not shrink to the tiny sizes here (or need a package",
+    "that is not installed); they are not claimed either way.",
+]
+
+
 def _reason(message: str) -> str:
     """A short class of refusal, for the counts."""
     if "attention interface" in message:
@@ -136,6 +162,8 @@ def render(results: dict[str, dict]) -> str:
         "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";",
         f"- PEFT {_peft_version()} prefix tuning runs (no equivalence claimed) on {peft[True]} of them "
         f"({both} of those are also supported here).",
+        "",
+        *DECISIONS,
         "",
         "| model type | class | prefixtune | reason | PEFT prefix tuning |",
         "|---|---|---|---|---|",
