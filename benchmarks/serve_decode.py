@@ -13,46 +13,27 @@ equal. The same script runs on a GPU with ``--device cuda`` (bfloat16 there).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import sys
 import time
-import warnings
-from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore")
+import torch
+from bench_common import load_model, parser, set_threads
 
-import torch  # noqa: E402
-
-from prefixtune.io.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
-from prefixtune.serving.engine import Engine, EngineConfig  # noqa: E402
-from prefixtune.serving.sampling import SamplingParams  # noqa: E402
+from prefixtune.serving.engine import Engine, EngineConfig
+from prefixtune.serving.sampling import SamplingParams
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="a model name or folder, or 'tiny'")
+    ap = parser(__doc__)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--contexts", type=int, nargs="+", default=[32, 2048])
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.model == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tiny_models import tiny
-
-        model = tiny("llama")
-        model.config.max_position_embeddings = max(max(a.contexts) + 1, model.config.max_position_embeddings)
-    else:
-        model = load_causal_lm(a.model)[0]
+    set_threads(a.threads)
+    model = load_model(a.model, min_positions=max(a.contexts) + 1)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     model = model.to(a.device, dtype).requires_grad_(False).eval()
     g = torch.Generator().manual_seed(a.seed)

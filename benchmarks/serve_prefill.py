@@ -13,46 +13,26 @@ prompt, the engine before issue #15). Printed: real prompt tokens/s, mixed / equ
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import sys
 import time
-import warnings
-from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore")
+import torch
+from bench_common import load_model, parser, set_threads
 
-import torch  # noqa: E402
-
-from prefixtune.io.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
-from prefixtune.serving.engine import Engine, EngineConfig  # noqa: E402
-from prefixtune.serving.sampling import SamplingParams  # noqa: E402
+from prefixtune.serving.engine import Engine, EngineConfig
+from prefixtune.serving.sampling import SamplingParams
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="a model name or folder, or 'tiny'")
+    ap = parser(__doc__)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.model == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tiny_models import tiny
-
-        model = tiny("llama")
-        model.config.max_position_embeddings = max(a.max_len + 2, model.config.max_position_embeddings)
-    else:
-        model = load_causal_lm(a.model)[0]
-    model.requires_grad_(False)
+    set_threads(a.threads)
+    model = load_model(a.model, min_positions=a.max_len + 2)
     g = torch.Generator().manual_seed(a.seed)
     vocab = model.config.vocab_size
     lengths = torch.randint(a.min_len, a.max_len + 1, (a.prompts,), generator=g).tolist()

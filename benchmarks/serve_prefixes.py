@@ -14,23 +14,16 @@ would take 4.6 GB in float32, more than this shared machine should give a benchm
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import time
-import warnings
-from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore")
+import torch
+from bench_common import load_model, parser, set_threads
 
-import torch  # noqa: E402
-
-from prefixtune.io.hub import DEFAULT_MODEL, load_causal_lm  # noqa: E402
-from prefixtune.serving.engine import Engine, EngineConfig  # noqa: E402
-from prefixtune.serving.sampling import SamplingParams  # noqa: E402
+from prefixtune.serving.engine import Engine, EngineConfig
+from prefixtune.serving.sampling import SamplingParams
 
 
 def _rss_bytes() -> int:
@@ -38,29 +31,16 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _model(name: str) -> torch.nn.Module:
-    if name == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tiny_models import tiny
-
-        return tiny("llama")
-    return load_causal_lm(name)[0]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="a model name or folder, or 'tiny'")
+    ap = parser(__doc__)
     ap.add_argument("--registered", type=int, nargs="+", default=[1000])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prefix-length", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    model = _model(a.model).requires_grad_(False)
+    set_threads(a.threads)
+    model = load_model(a.model)
     g = torch.Generator().manual_seed(a.seed)
     vocab = model.config.vocab_size
     prompts = [torch.randint(3, vocab, (int(torch.randint(16, 49, (1,), generator=g)),), generator=g).tolist()
