@@ -179,3 +179,14 @@ def test_beyond_the_sliding_window_forward_and_generate_agree_the_prefix_stays_v
     with pm.disabled():  # and the prefix matters there: it was not slid out
         bare = pm(input_ids=out.sequences).logits
     assert float((bare[:, -2] - full[:, -2]).abs().max()) > 1e-3
+
+
+def test_fingerprint_samples_tensors_of_any_size():
+    """The sample's indices are exact integers (float32 indices ran past the end of a 28,311,552-element tensor)."""
+    from prefixtune.core.checkpoint import tensors_sha256
+
+    holder = torch.nn.Module()
+    holder.register_buffer("big", torch.zeros(28_311_552, dtype=torch.int8))  # SmolLM2-135M's embedding size
+    before = tensors_sha256(holder)
+    holder.big[-1] = 1  # the last element is in the sample
+    assert tensors_sha256(holder) != before

@@ -48,8 +48,9 @@ def tensors_sha256(model: nn.Module, exclude: Sequence[str] = ()) -> str:
             continue
         seen.add(id(t))
         flat = t.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR), device=flat.device)
-        sample = flat[index.round().long()].float().cpu().contiguous()  # evenly spread, first and last included
+        n, k = flat.numel(), min(flat.numel(), SAMPLES_PER_TENSOR)
+        index = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)  # int64: exact for any size
+        sample = flat[index].float().cpu().contiguous()  # evenly spread, first and last element included
         h.update(f"{name}:{tuple(t.shape)}:".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
