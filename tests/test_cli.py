@@ -27,15 +27,6 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture
-def jsonl(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    rows = [{"source": f"name : {n} | food : {f}", "target": f"{n} serves {f}."}
-            for n in ("Aro", "Bib", "Cot", "Dax") for f in ("fish", "rice", "tea")]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _train_args(tiny_dir, jsonl, out, *extra):
     return ["train", "--model", tiny_dir, "--data", str(jsonl), "--out", str(out), "--dev-split", "none",
             "--epochs", "2", "--batch-size", "4", "--prefix-length", "3", "--reparam-hidden", "16", "--lr", "1e-2",

@@ -14,8 +14,6 @@ two are the whole difference).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,15 +49,6 @@ class _CliOrder(torch.utils.data.Sampler):
 class _CliBatches(PrefixTrainer):
     def _get_train_sampler(self, train_dataset=None):
         return _CliOrder(len(train_dataset if train_dataset is not None else self.train_dataset))
-
-
-@pytest.fixture
-def jsonl(tmp_path):
-    path = tmp_path / "toy.jsonl"
-    rows = [{"source": f"name : {n} | food : {f}", "target": f"{n} serves {f}."}
-            for n in ("Aro", "Bib", "Cot", "Dax") for f in ("fish", "rice", "tea")]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _prefixtune_optimizer(pm, lr: float, weight_decay: float, warmup: int, total: int):

@@ -76,8 +76,8 @@ def _train_on_gold(pm: PrefixModel, tok, steps: int = 60) -> None:
     pm.eval()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_lm_eval_scores_the_prefix_model_with_its_own_loglikelihoods(tmp_path):
-    torch.set_num_threads(1)
     tok = char_tokenizer()
     task_dir = _task_dir(tmp_path)
     bare = _evaluate(tiny("llama"), tok, task_dir)

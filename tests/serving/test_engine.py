@@ -16,13 +16,7 @@ from prefixtune.serving.sampling import SamplingParams, make_generator, sample_r
 PREFIX_LENGTHS = {"short": 2, "long": 6, "mid": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when other processes hold the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, seed: int) -> torch.nn.Module:

@@ -12,13 +12,7 @@ from prefixtune.serving import engine as engine_module
 from prefixtune.serving.engine import Engine, EngineConfig
 from prefixtune.serving.sampling import SamplingParams
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
