@@ -63,6 +63,8 @@ def _reason(message: str) -> str:
     """A short class of refusal, for the counts."""
     if "attention interface" in message:
         return "attention not through the interface"
+    if "fails the real-token check" in message:
+        return "fails the real-token check"
     if "indexed (sparse) attention" in message:
         return "indexed sparse attention"
     if "recurrent" in message:

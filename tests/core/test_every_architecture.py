@@ -14,7 +14,7 @@ from reference import real_token_equivalence
 from tiny_models import tiny_causal_lm
 
 from prefixtune import PrefixConfig, attach
-from prefixtune.core.spec import INDEXED, NOT_INTERFACE, RECURRENT, read_spec
+from prefixtune.core.spec import INDEXED, INEXACT, NOT_INTERFACE, RECURRENT, read_spec
 
 SUPPORTED = [  # docs/support.md, "supported"
     "afmoe", "apertus", "arcee", "aria_text", "axk1", "bart", "beam", "bert", "bert-generation", "big_bird",
@@ -41,6 +41,7 @@ REFUSED = {
     "qwen3_next": RECURRENT,
     "deepseek_v32": INDEXED,
     "diffllama": "called more than once per forward",
+    "mpt": INEXACT,
 }
 
 

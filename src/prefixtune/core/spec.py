@@ -36,6 +36,17 @@ RECURRENT = ("has recurrent (Mamba / linear-attention / convolution) layers whos
 INDEXED = ("has indexed (sparse) attention: a learned indexer picks which cached keys each query attends to, "
            "so prefix keys would be kept or dropped by the indexer rather than always seen; it is refused")
 
+# Decoder-only families that both routes accept mechanically but that fail the real-token rule on tiny models
+# (scripts/support_matrix.py; their own position or mask handling differs from a KV cache of P real tokens).
+# Refused by name until a per-family route makes them exact; as encoders (RoBERTa-like) they stay supported.
+INEXACT_CAUSAL = {
+    "cpmant": "segment-relative positions", "doge": "dynamic mask attention", "falcon": "its own cache handling",
+    "mpt": "ALiBi over a cache of its own layout (greedy differs)", "roberta": "generate's position ids",
+    "data2vec-text": "generate's position ids", "roberta-prelayernorm": "generate's position ids",
+    "zaya": "its own cache handling",
+}
+INEXACT = "fails the real-token check (a prefix from t0's own K/V does not equal t0 in front; docs/support.md)"
+
 
 @dataclass(frozen=True)
 class StackSpec:
@@ -194,6 +205,9 @@ def read_spec(model: nn.Module) -> ModelSpec:
     if cached is not None:
         return cached
     spec = _read_spec(model)
+    if spec.kind == "causal" and spec.model_type in INEXACT_CAUSAL:
+        raise ValueError(f"{spec.architecture} (model_type={spec.model_type!r}) {INEXACT}: "
+                         f"{INEXACT_CAUSAL[spec.model_type]}")
     _CACHE[model] = spec
     return spec
 
