@@ -9,7 +9,6 @@ here on a tiny model built from the family's own config (2 layers, width 32).
 from __future__ import annotations
 
 import pytest
-import torch
 from reference import real_token_equivalence
 from tiny_models import tiny_causal_lm
 
@@ -45,9 +44,9 @@ REFUSED = {
 }
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_prefix_from_real_tokens_equals_those_tokens(model_type):
-    torch.set_num_threads(1)
     real_token_equivalence(tiny_causal_lm(model_type))
 
 

@@ -15,6 +15,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from prefixtune.core.kv import layer_kv
+
 #: The engine's cache layouts: "dynamic" is transformers' ``DynamicCache`` (every appended token
 #: concatenates, i.e. copies, the whole cache); "preallocated" keeps each layer in buffers with room to
 #: grow and writes a new token's column in place (the whole cache is copied only when its capacity
@@ -101,9 +103,8 @@ def cache_from_prefixes(prefixes: list[torch.Tensor | None], device: torch.devic
             kv[r, p_max - p.shape[0]:] = p
             mask[r, p_max - p.shape[0]:] = 1
     for layer in range(layers):
-        keys = kv[:, :, layer, 0].transpose(1, 2).contiguous()  # (R, kv_heads, P_max, head_dim)
-        values = kv[:, :, layer, 1].transpose(1, 2).contiguous()
-        cache.update(keys, values, layer)
+        keys, values = layer_kv(kv, layer)  # each (R, kv_heads, P_max, head_dim)
+        cache.update(keys.contiguous(), values.contiguous(), layer)
     return cache, mask
 
 

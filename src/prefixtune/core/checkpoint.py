@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prefixtune.core.config import PrefixConfig
-from prefixtune.core.prefix import PrefixEncoder, as_kv
+from prefixtune.core.kv import as_kv
+from prefixtune.core.prefix import PrefixEncoder
 from prefixtune.core.spec import read_spec
 from prefixtune.files import atomic_write, atomic_write_text, sha256_file
 

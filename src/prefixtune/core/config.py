@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from prefixtune.files import dataclass_from_dict
+
 Mode = Literal["prefix", "embedding-only", "infix"]
 MODES: tuple[str, ...] = ("prefix", "embedding-only", "infix")
 
@@ -75,15 +77,8 @@ class PrefixConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> PrefixConfig:
-        """Build from a dict, naming ``source`` and the unknown field on bad input."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown PrefixConfig field(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: {exc}") from exc
+        """Build from a dict, naming ``source`` and the unknown field on bad input (``ConfigError``)."""
+        return dataclass_from_dict(cls, data, source)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

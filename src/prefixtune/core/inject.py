@@ -1,4 +1,4 @@
-"""The only module that touches ``transformers`` internals.
+"""Attention injection: with ``cache.py``, the only module that touches ``transformers`` internals.
 
 How a prefix reaches attention: every prefix-carrying attention module is tagged with its
 slot ``(stack, layer)`` and the model's attention implementation is switched to a registered
@@ -17,6 +17,11 @@ Because the prefix travels as a keyword argument and never through the KV cache:
 For decoder-only models, positions are shifted by each row's prefix length (the real tokens
 sit where they would after P cached tokens), and computed from the attention mask, so that a
 left-padded row gives the same result as the row alone.
+
+Size: ~550 lines, kept in one module on purpose: it is the one place that reaches into transformers'
+attention internals, and its parts (the registered attention wrapper, the probe that ``read_spec`` runs
+through that same wrapper, positions, the installation and its cache route) share the registered
+functions and the probe's state; split, they would import each other.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from prefixtune.core.kv import layer_kv
 
 if TYPE_CHECKING:  # spec.py imports this module (its probe), so only for annotations
     from prefixtune.core.spec import ModelSpec, StackSpec
@@ -102,15 +109,10 @@ class PrefixBatch:
         t = self.kv.get(stack)
         if t is None or t.shape[1] == 0:
             return None
-        if t.ndim == 6:
-            return t[:, :, layer, 0].transpose(1, 2), t[:, :, layer, 1].transpose(1, 2)
-        if self.layouts is None or stack not in self.layouts:
-            raise ValueError(f"a flat (R, P, width) '{stack}' prefix needs its StackSpec in PrefixBatch.layouts")
-        (ks, ke), (vs, ve), (kh, kd, vh, vd) = self.layouts[stack].layer_slices(layer)
-        r, p = t.shape[:2]
-        keys = t[:, :, ks:ke].reshape(r, p, kh, kd).transpose(1, 2)
-        values = t[:, :, vs:ve].reshape(r, p, vh, vd).transpose(1, 2)
-        return keys, values
+        try:
+            return layer_kv(t, layer, (self.layouts or {}).get(stack))
+        except ValueError as exc:
+            raise ValueError(f"'{stack}' prefix: {exc} (PrefixBatch.layouts)") from exc
 
 
 def rows_to(t: torch.Tensor, batch: int) -> torch.Tensor:

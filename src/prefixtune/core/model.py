@@ -14,7 +14,8 @@ from prefixtune.core.checkpoint import WEIGHTS_NAME, check_keys, read_prefix, sa
 from prefixtune.core.config import PrefixConfig
 from prefixtune.core.hf import PrefixedBackbone, load_trainable_state, trainable_state, trainable_summary
 from prefixtune.core.inject import Injection, PrefixBatch
-from prefixtune.core.prefix import PrefixEncoder, as_kv, enabled_stacks, flatten_kv
+from prefixtune.core.kv import as_kv, flatten_kv
+from prefixtune.core.prefix import PrefixEncoder, enabled_stacks
 from prefixtune.core.spec import ModelSpec, read_spec
 
 

@@ -116,22 +116,3 @@ def enabled_stacks(config: PrefixConfig, spec: ModelSpec) -> list[str]:
             f"(it has {[s.name for s in spec.stacks]}); enable at least one"
         )
     return names
-
-
-def as_kv(flat: torch.Tensor, spec: ModelSpec, stack: str) -> torch.Tensor:
-    """(P, width) → (1, P, layers, 2, kv_heads, head_dim); a stack whose layers differ in K/V shapes
-    stays flat, (1, P, width) (``PrefixBatch.layer_kv`` cuts it with the ``StackSpec``)."""
-    s = spec.stack(stack)
-    if not s.uniform:
-        return flat[None]
-    return flat.view(1, flat.shape[0], s.num_layers, 2, s.num_kv_heads, s.head_dim)
-
-
-def flatten_kv(keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Per-layer ((1, k_heads, P, k_dim) keys, (1, v_heads, P, v_dim) values) → (P, width), laid out
-    layer by layer as [keys, values]: for equal shapes, (P, layers, 2, kv_heads, head_dim) flattened."""
-    parts = []
-    for k, v in keys_values:
-        p = k.shape[2]
-        parts += [k[0].transpose(0, 1).reshape(p, -1), v[0].transpose(0, 1).reshape(p, -1)]
-    return torch.cat(parts, dim=-1)

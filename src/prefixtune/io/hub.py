@@ -12,6 +12,9 @@ The conversion is atomic (built in a temporary sibling folder, renamed into plac
 processes by a lock file, and the cached folder is verified against its manifest on every reuse (all
 sha256, about 1 s for SmolLM2; ``PREFIXTUNE_VERIFY=quick`` checks sizes and small files only); a corrupt
 or half-written cache is reported with a warning and rebuilt.
+
+Size: ~450 lines, one job (a named model to a verified local folder). Most of it is the cache's crash
+safety (lock, temporary sibling, manifest, stale leftovers), which only reads as a whole.
 """
 
 from __future__ import annotations
