@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny_model_dir
 
 from prefixtune.cli import main
+from prefixtune.core.model import load
 from prefixtune.errors import MeteorUnavailableError
+from prefixtune.io.hub import load_causal_lm
 from prefixtune.training import distributed
 from prefixtune.training.loop import LOG_NAME, STATE_NAME, _accumulation_window
 
@@ -263,3 +265,14 @@ def test_any_error_of_rank_0_reaches_every_rank_with_its_type_and_message(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert streams[0].strip() == "rank 0: Unpicklable: disk full at /runs/x"
     assert streams[1].strip() == "rank 1: RankFailedError: rank 0 failed with Unpicklable: disk full at /runs/x"
+
+
+def test_an_fsdp_run_saves_a_best_prefix_that_loads_on_the_unsharded_base(setup, tmp_path):
+    # the fingerprint saved with best/ covers every base tensor: it must be taken before the blocks are sharded
+    out = tmp_path / "fsdp-best"
+    proc = _torchrun("train", *setup[1], "--dev-split", "none", "--max-steps", "2", "--batch-size", "2",
+                     "--eval-every", "1", "--prefix-length", "3", "--out", str(out), "--fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, _ = load_causal_lm(setup[1][1])
+    pm = load(out / "best", base)
+    assert pm.prefix_config.prefix_length == 3

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from prefixtune.core.config import PrefixConfig
 from prefixtune.core.kv import as_kv
@@ -48,6 +49,9 @@ def tensors_sha256(model: nn.Module, exclude: Sequence[str] = ()) -> str:
         if name.startswith(skip) or id(t) in seen or t.is_meta:
             continue
         seen.add(id(t))
+        if isinstance(t, DTensor):
+            raise ValueError(f"cannot fingerprint {name}: it is sharded (FSDP); take the fingerprint before "
+                             "sharding (PrefixModel.base_fingerprint() keeps it)")
         flat = t.detach().reshape(-1)
         n, k = flat.numel(), min(flat.numel(), SAMPLES_PER_TENSOR)
         index = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)  # int64: exact for any size
@@ -97,11 +101,11 @@ def compare_fingerprints(saved: dict[str, Any], actual: dict[str, Any], where: s
 
 
 def save_prefix(directory: str | Path, tensors: dict[str, torch.Tensor], config: PrefixConfig, *, folded: bool,
-                train_modules: tuple[str, ...], base: nn.Module) -> None:
+                train_modules: tuple[str, ...], base_fingerprint: dict[str, Any]) -> None:
     """Write ``prefix.safetensors`` (``tensors``, stored as float32) and ``prefix_config.json``, atomically.
 
     ``folded`` says whether the tensors are the computed prefix (``<stack>.table``) or the MLP's;
-    ``base`` is fingerprinted so that the prefix is refused on another base model.
+    ``base_fingerprint`` (``fingerprint(base)``) is stored so that the prefix is refused on another base model.
     """
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
@@ -112,7 +116,7 @@ def save_prefix(directory: str | Path, tensors: dict[str, torch.Tensor], config:
         "prefix_config": config.to_dict(),
         "folded": folded,
         "train_modules": list(train_modules),
-        "base_model": fingerprint(base, exclude=train_modules),
+        "base_model": base_fingerprint,
         "weights_sha256": sha256_file(weights),
     }
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")

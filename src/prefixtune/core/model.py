@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune.core.checkpoint import WEIGHTS_NAME, check_keys, read_prefix, save_prefix
+from prefixtune.core.checkpoint import WEIGHTS_NAME, check_keys, fingerprint, read_prefix, save_prefix
 from prefixtune.core.config import PrefixConfig
 from prefixtune.core.hf import PrefixedBackbone, load_trainable_state, trainable_state, trainable_summary
 from prefixtune.core.inject import Injection, PrefixBatch
@@ -35,6 +35,7 @@ class PrefixModel(nn.Module):
         self.prefix = PrefixEncoder(config, spec)
         self.train_modules = tuple(train_modules)
         self.enabled = True
+        self._base_fingerprint: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -288,7 +289,14 @@ class PrefixModel(nn.Module):
         else:
             tensors = self.trainable_state_dict()
         save_prefix(directory, tensors, self.prefix_config, folded=fold or self.prefix.folded,
-                    train_modules=self.train_modules, base=self.base)
+                    train_modules=self.train_modules, base_fingerprint=self.base_fingerprint())
+
+    def base_fingerprint(self) -> dict[str, Any]:
+        """The frozen base model's fingerprint (``core.checkpoint.fingerprint``), taken once and kept: the base
+        does not train. Take it before sharding the base (FSDP), whose shards cannot be fingerprinted alone."""
+        if self._base_fingerprint is None:
+            self._base_fingerprint = fingerprint(self.base, exclude=self.train_modules)
+        return self._base_fingerprint
 
     def detach(self) -> nn.Module:
         """Remove the prefix machinery and return the untouched base model."""

@@ -74,11 +74,13 @@ def _place(pm: PrefixModel, fsdp: bool) -> tuple[PrefixModel, list[str] | None]:
     """Put the model on this rank's device; with FSDP, shard the frozen base model's blocks first (returns
     their paths).
 
-    The blocks holding the weights that fingerprint the base model in saved prefixes (input embeddings,
-    the last prefixed attention layer) stay whole, so that rank 0 can save a prefix on its own.
+    The base model's fingerprint (saved with every prefix) is taken before sharding, so that rank 0 can save
+    a prefix on its own; the input embeddings and the last prefixed attention layer stay whole as well (the
+    first prefix format's fingerprint reads them).
     """
     sharded = None
     if fsdp and distributed.world_size() > 1:
+        pm.base_fingerprint()
         embeddings = pm.base.get_input_embeddings()
         keep = [name for name, module in pm.base.named_modules() if module is embeddings]
         sharded = distributed.shard_model(pm.base, keep_whole=[*keep, pm.spec.slots[-1][0]])
