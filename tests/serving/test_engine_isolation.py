@@ -151,3 +151,29 @@ def test_prefixes_are_stored_once_and_the_coldest_leave_memory(tmp_path):
     got = engine.generate([[5, 6, 7]] * len(names), SamplingParams(max_new_tokens=6), names)
     assert got == [references[n] for n in names]  # cold ones were read back from their folders
     assert engine.prefixes.memory()["resident"] == 2
+
+
+def test_the_base_fingerprint_is_taken_once_however_many_folders_are_registered(tmp_path, monkeypatch):
+    model = _model()
+    pm = attach(model, PrefixConfig(prefix_length=2, reparam=False))
+    for i in range(3):
+        pm.save_pretrained(tmp_path / f"p{i}")
+    pm.detach()
+    from prefixtune.core import checkpoint
+    from prefixtune.serving import registry
+
+    calls = []
+    real = checkpoint.fingerprint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "fingerprint", counting)
+    monkeypatch.setattr(registry, "fingerprint", counting)
+    engine = Engine(model, EngineConfig(max_resident_prefixes=1))
+    for i in range(3):
+        engine.add_prefix(f"p{i}", tmp_path / f"p{i}")
+    for name in ("p0", "p1", "p2", "p0"):  # cold ones are read back from their folders
+        engine.prefixes.get(name)
+    assert len(calls) == 1

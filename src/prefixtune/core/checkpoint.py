@@ -143,11 +143,18 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_prefix(directory: Path, model: nn.Module) -> tuple[PrefixConfig, dict[str, torch.Tensor], list[str]]:
-    """The checked config, tensors (on the model's device) and trained module names saved in ``directory``."""
+def read_prefix(directory: Path, model: nn.Module, base_fingerprint: dict[str, Any] | None = None
+                ) -> tuple[PrefixConfig, dict[str, torch.Tensor], list[str]]:
+    """The checked config, tensors (on the model's device) and trained module names saved in ``directory``.
+
+    ``base_fingerprint``: ``fingerprint(model)`` already taken by the caller (a registry loading many prefixes
+    of one frozen model), used when it excludes the same modules as the save; otherwise it is taken here."""
     meta = read_meta(directory)
     exclude = meta["base_model"].get("excluded", meta.get("train_modules", []))
-    compare_fingerprints(meta["base_model"], fingerprint(model, exclude=exclude), str(directory / CONFIG_NAME))
+    actual = base_fingerprint
+    if actual is None or actual.get("excluded") != sorted(exclude):
+        actual = fingerprint(model, exclude=exclude)
+    compare_fingerprints(meta["base_model"], actual, str(directory / CONFIG_NAME))
     config = PrefixConfig.from_dict(meta["prefix_config"], source=f"{directory / CONFIG_NAME}: prefix_config")
     if meta["folded"]:
         config = config.replace(reparam=False)
@@ -164,15 +171,17 @@ def check_keys(directory: Path, tensors: dict[str, torch.Tensor], expected: set[
 
 
 @torch.no_grad()
-def load_prefix_kv(directory: str | Path, model: nn.Module) -> torch.Tensor:
-    """The decoder keys/values of the prefix saved in ``directory``, without attaching it to ``model``.
+def load_prefix_kv(directory: str | Path, model: nn.Module, base_fingerprint: dict[str, Any] | None = None
+                   ) -> torch.Tensor:
+    """The decoder keys/values of the prefix saved in ``directory``, without attaching it to ``model``
+    (``base_fingerprint``: as in ``read_prefix``).
 
     Returns (P, layers, 2, kv_heads, head_dim) in the model's dtype (what ``PrefixBatch.kv["decoder"]``
     holds for one row). Decoder-only models and ``mode="prefix"`` only: an embedding-only prefix needs
     the model to compute its K/V (``load(...).prefix_batch()``), and an infix does not sit in front.
     """
     directory = Path(directory)
-    config, tensors, _ = read_prefix(directory, model)
+    config, tensors, _ = read_prefix(directory, model, base_fingerprint)
     spec = read_spec(model)
     if spec.kind != "causal" or config.mode != "prefix":
         raise ValueError(f"{directory / CONFIG_NAME}: only mode 'prefix' on a decoder-only model can be read as "

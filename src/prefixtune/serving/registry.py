@@ -192,7 +192,7 @@ class PrefixRegistry:
         try:
             config = self._check_config(folder)
             self._check_header(folder, config)
-            return load_prefix_kv(folder, self.model)
+            return load_prefix_kv(folder, self.model, self._base_fingerprint())
         except ConfigError:
             raise
         except Exception as exc:
