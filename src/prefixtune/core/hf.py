@@ -28,18 +28,17 @@ if TYPE_CHECKING:
 
 def trainable_keys(pm: PrefixModel) -> list[str]:
     """The ``nn.Module`` state-dict keys of what trains: ``prefix.*`` and ``base.<train_module>.*``."""
-    heads = tuple(f"base.{name}." for name in pm.train_modules)
-    keys = nn.Module.state_dict(pm, keep_vars=True).keys()
-    return [k for k in keys if k.startswith("prefix.") or k.startswith(heads)]
+    return list(trainable_state(pm, None, "", keep_vars=True))
 
 
 def trainable_state(pm: PrefixModel, destination: dict[str, Any] | None, prefix: str,
                     keep_vars: bool) -> dict[str, Any]:
-    """``pm.state_dict()`` restricted to the trainable tensors (keys as ``nn.Module`` names them)."""
-    full = nn.Module.state_dict(pm, prefix="", keep_vars=keep_vars)
+    """``pm.state_dict()`` restricted to the trainable tensors (keys as ``nn.Module`` names them), read from
+    the prefix and the ``train_modules`` alone: the frozen base model's tensors are never visited."""
     out: dict[str, Any] = OrderedDict() if destination is None else destination
-    for key in trainable_keys(pm):
-        out[prefix + key] = full[key]
+    for name in pm.train_modules:  # in nn.Module's order: ``base`` is registered before ``prefix``
+        pm.base.get_submodule(name).state_dict(destination=out, prefix=f"{prefix}base.{name}.", keep_vars=keep_vars)
+    pm.prefix.state_dict(destination=out, prefix=f"{prefix}prefix.", keep_vars=keep_vars)
     return out
 
 
@@ -58,7 +57,7 @@ def load_trainable_state(pm: PrefixModel, state: dict[str, torch.Tensor], strict
 
 def trainable_summary(pm: PrefixModel) -> str:
     """PEFT's one-line count: ``trainable params: N || all params: M || trainable%: X``."""
-    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    trainable = pm.num_trainable_parameters()
     total = sum(p.numel() for p in pm.parameters())
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
