@@ -264,3 +264,16 @@ def test_shuffled_subset_is_seeded_stable_and_nested() -> None:
     assert [ex.source for ex in examples] == [str(i) for i in range(10)]  # input untouched
     with pytest.raises(ValueError, match="between 0 and 10"):
         shuffled_subset(examples, 11, seed=0)
+
+
+@needs_data
+def test_evaluating_on_dart_test_drops_its_one_empty_reference_with_a_warning() -> None:
+    from prefixtune.tasks.generation import DataSpec, GenerationTask
+
+    task = GenerationTask(DataSpec(data="dart"))
+    with pytest.warns(UserWarning, match=r"skipped 1 row.*test\.xml:888"):
+        sources, refs = task.eval_set("test", None)
+    assert len(sources) == len(refs) == 4_159
+    assert sum(map(len, refs)) == 12_551 and all(ref for group in refs for ref in group)
+    with pytest.raises(DataError, match="empty target"):  # training data stays strict
+        task.read("test")

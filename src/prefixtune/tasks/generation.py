@@ -107,9 +107,10 @@ class GenerationTask:
     def labels(self) -> None:
         return None
 
-    def read(self, split: str) -> list[Example]:
+    def read(self, split: str, on_empty_target: Literal["error", "skip"] = "error") -> list[Example]:
         s = self.spec
-        return load_examples(s.data, split, source_field=s.source_field, target_field=s.target_field)
+        return load_examples(s.data, split, source_field=s.source_field, target_field=s.target_field,
+                             on_empty_target=on_empty_target)
 
     def load_model(self, model_name: str) -> tuple[nn.Module, Any]:
         return load_causal_lm(model_name)
@@ -138,8 +139,9 @@ class GenerationTask:
         return [(ex.source, ex.target) for ex in records]
 
     def eval_set(self, split: str, limit: int | None) -> tuple[list[str], list[list[str]]]:
-        """Unique sources in first-appearance order and the targets of each (its references)."""
-        sources, refs = group_references(self.read(split))
+        """Unique sources in first-appearance order and the targets of each (its references; an empty
+        reference is dropped with a warning naming its line)."""
+        sources, refs = group_references(self.read(split, on_empty_target="skip"))  # DART test has an empty <lex/>
         return (sources[:limit], refs[:limit]) if limit is not None else (sources, refs)
 
     def predict(self, model: nn.Module, tokenizer: Any, inputs: Sequence[str], decode: DecodeConfig,
