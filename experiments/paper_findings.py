@@ -19,7 +19,7 @@ Experiments (each row's spec is in the CSV):
   init       random vs "table-to-text:" vs unrelated words, P = 6, at 50 and 500 training examples
   baselines  full fine-tuning and PEFT's prefix tuning (P = 10, projection h = 512), 200 examples
 
-Each run's result is kept under --root/<key>/result.json (see e2e_runs.py); the raw rows go to
+Each run's result is kept under --root/<key>/result.json (see table2text_runs.py); the raw rows go to
 docs/results/paper_findings.csv; ``plot_findings.py`` makes the plots and docs/experiments.md from it.
 """
 
@@ -32,7 +32,7 @@ import json
 import time
 from pathlib import Path
 
-from e2e_runs import RunSpec, csv_row, run, write_csv
+from table2text_runs import RunSpec, csv_row, run, write_csv
 
 BASE = RunSpec(prefix_length=10, reparam=True, reparam_hidden=512, train_limit=200, epochs=1000, max_steps=75,
                batch_size=8, warmup_steps=10, test_limit=100, dev_limit=0)

@@ -368,7 +368,8 @@ def summary(chosen: dict[str, str | None], results: dict, total: int, epochs: fl
         for other in others:
             other_gap = 100 * (acc[ft] - acc[other])
             line += (f"; the best {pooling_of(other)}-head candidate ({SYSTEMS[other].label}, not chosen) "
-                     f"{100 * acc[other]:.1f} ({other_gap:+.2f} points for fine-tuning)")
+                     f"{100 * acc[other]:.1f} over {len(done[other])} seed(s) ({other_gap:+.2f} points for "
+                     "fine-tuning)")
         if "head-only" in acc:
             line += f"; the linear probe reaches {100 * acc['head-only']:.1f}"
         if "head-only-mean" in acc:

@@ -9,7 +9,7 @@ tokens at most) and is scored with the E2E metrics. Prefix systems: P = 10, repa
 The learning rate of each system is chosen on the development set, never on test: every candidate trains
 with seed 42 and is scored on the first 100 dev MRs; the candidate with the best dev BLEU is then trained
 with the other seeds too. Test figures (first 100 test MRs) are reported for every run and averaged over
-seeds for the chosen rate. Runs are resumable (see e2e_runs.py); the raw rows go to
+seeds for the chosen rate. Runs are resumable (see table2text_runs.py); the raw rows go to
 docs/results/quality_e2e.csv and the table to docs/quality_e2e.md.
 """
 
@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from e2e_runs import METRICS, RunSpec, csv_row, run, write_csv
+from table2text_runs import METRICS, RunSpec, csv_row, run, write_csv
 
 from prefixtune.files import atomic_write_text
 

@@ -1,14 +1,22 @@
-"""One E2E run of SmolLM2-135M from a frozen spec: train, decode, score, one result row. Resumable.
+"""One table-to-text run of SmolLM2-135M from a frozen spec (E2E, WebNLG 2017 or DART): train, decode,
+score, one result row. Resumable.
 
-Shared by ``quality_e2e.py`` (the low-data quality bar) and ``paper_findings.py`` (the paper's
-ablations). A run lives in ``<root>/<spec.key>/``; its ``result.json`` is written last (atomically),
-so a finished run is reused and an interrupted one resumes from its training checkpoint.
+Shared by ``quality_e2e.py`` (the low-data quality bar), ``paper_findings.py`` (the paper's ablations) and
+``table2text.py`` (WebNLG seen/unseen, DART and E2E decoded with beam search). A run lives in
+``<root>/<spec.key>/``; its ``result.json`` is written last (atomically), so a finished run is reused and an
+interrupted one resumes from its training checkpoint.
 
 Systems:
   - ``prefixtune``: this library (any ``PrefixConfig``: length, mode, reparameterization, init);
   - ``peft``: PEFT's ``PrefixTuningConfig`` (projection MLP when ``reparam``), trained by the same loop;
   - ``finetune``: every weight of the model trained.
 All three see the same seeded training subset, batches, optimizer, schedule and decoding.
+
+Evaluation sets (``test_limit`` / ``dev_limit`` sources, each with all its references):
+  - E2E: the first N MRs of the split (as every earlier E2E table);
+  - WebNLG test: N/2 sources of seen categories and N/2 of unseen ones, each a seeded (0) shuffle, scored
+    apart ("seen", "unseen") and together ("all"); WebNLG dev and DART: N sources, a seeded (0) shuffle.
+The test set is decoded with ``beams`` (the paper: 5); the dev set, used only to choose settings, greedily.
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ import torch  # noqa: E402
 from prefixtune import PrefixConfig  # noqa: E402
 from prefixtune.files import atomic_write_text  # noqa: E402
 from prefixtune.io.hub import load_causal_lm  # noqa: E402
+from prefixtune.tasks import metrics  # noqa: E402
 from prefixtune.tasks.decode import generate_texts  # noqa: E402
 from prefixtune.tasks.encoding import collate  # noqa: E402
 from prefixtune.tasks.generation import DataSpec, GenerationTask  # noqa: E402
+from prefixtune.tasks.metrics import MeteorScorer, MeteorUnavailableError  # noqa: E402
+from prefixtune.tasks.readers import group_references, shuffled_subset  # noqa: E402
 from prefixtune.training.loop import TrainConfig, fit  # noqa: E402
 from prefixtune.training.pipeline import load_trained, prepare_data, train_run  # noqa: E402
 
@@ -66,6 +77,11 @@ class RunSpec:
     test_limit: int = 100  # first N test MRs
     dev_limit: int = 0  # first N dev MRs decoded and scored too (for choosing settings), 0 for none
     max_new_tokens: int = 48
+    # added with WebNLG / DART; left out of the key's digest at these defaults, so older E2E keys stay valid
+    data: str = "e2e"
+    train_split: str = "train"  # DART: "dev" (the shared data has no DART train split)
+    beams: int = 1  # test decoding; dev decoding is greedy
+    max_length: int = 256
 
     def __post_init__(self) -> None:
         if self.system not in SYSTEMS:
@@ -82,8 +98,12 @@ class RunSpec:
         if self.init == "random" and self.init_std != 0.02:
             init += f"{self.init_std:g}"
         budget = f"n{self.train_limit}-" + (f"st{self.max_steps}" if self.max_steps else f"ep{self.epochs:g}")
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:6]
-        return f"{self.system}-{shape}-{init}-lr{self.lr:g}-{budget}-b{self.batch_size}-s{self.seed}-{digest}"
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if LATER_DEFAULTS.get(k, object()) != v}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:6]
+        data = "" if self.data == "e2e" else f"{self.data}-"
+        beams = f"-beam{self.beams}" if self.beams > 1 else ""
+        run = f"{self.system}-{shape}-{init}-lr{self.lr:g}-{budget}-b{self.batch_size}-s{self.seed}"
+        return f"{data}{run}{beams}-{digest}"
 
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(prefix_length=self.prefix_length, mode=self.mode, reparam=self.reparam,
@@ -95,19 +115,76 @@ class RunSpec:
                            checkpoint_every=20 if self.system != "finetune" else 10_000)
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(train_limit=self.train_limit, dev_limit=100)
+        dev_split = None if self.train_split == "dev" else "dev"  # the dev loss never reads training data
+        return DataSpec(data=self.data, split=self.train_split, dev_split=dev_split, train_limit=self.train_limit,
+                        dev_limit=100, max_length=self.max_length)
+
+
+LATER_DEFAULTS = {"data": "e2e", "train_split": "train", "beams": 1, "max_length": 256}
 
 
 def _right_pad(batch, pad_id):
     return collate(batch, pad_id, padding_side="right")
 
 
-def _decode_and_score(model: Any, tokenizer: Any, spec: RunSpec, split: str, limit: int) -> dict[str, Any]:
+EvalSet = tuple[list[str], list[list[str]]]  # sources, the references of each
+
+
+def eval_sets(spec: RunSpec, split: str, limit: int) -> dict[str, EvalSet]:
+    """The named evaluation subsets of ``split`` (see the module docstring); the same for every run."""
     task = GenerationTask(spec.data_spec())
-    sources, refs = task.eval_set(split, limit)
-    preds = generate_texts(model, tokenizer, sources, spec.data_spec().format, batch_size=20,
-                           max_new_tokens=spec.max_new_tokens, progress=False)
-    return {"metrics": task.score(preds, refs), "predictions": preds}
+    if spec.data == "e2e":
+        return {"all": task.eval_set(split, limit)}
+    if spec.data == "webnlg" and split == "test":
+        examples = task.read(split)
+        sets = {}
+        for mark in ("seen", "unseen"):
+            sources, refs = group_references([ex for ex in examples if ex.meta["seen"] == mark])
+            idx = shuffled_subset(range(len(sources)), min(limit // 2, len(sources)), 0)
+            sets[mark] = ([sources[i] for i in idx], [refs[i] for i in idx])
+        return sets
+    sources, refs = task.eval_set(split, None)
+    idx = shuffled_subset(range(len(sources)), min(limit, len(sources)), 0)
+    return {"all": ([sources[i] for i in idx], [refs[i] for i in idx])}
+
+
+def _metrics(spec: RunSpec, predictions: list[str], references: list[list[str]],
+             scorer: MeteorScorer | None) -> dict[str, float]:
+    kw = {"include_meteor": scorer is not None, "meteor_scorer": scorer}
+    if spec.data == "e2e":
+        return metrics.e2e_metrics(predictions, references, **kw)
+    table = getattr(metrics, "webnlg_metrics", metrics.generation_metrics)  # TODO(lead): webnlg_metrics only
+    return table(predictions, references, **kw)
+
+
+def score_sets(spec: RunSpec, sets: dict[str, EvalSet], predictions: dict[str, list[str]]) -> dict[str, dict]:
+    """Metrics of each subset, and of their union as ``"all"`` when there are several (WebNLG seen + unseen);
+    one METEOR process for all of them (METEOR is left out where Java cannot run it)."""
+    names = list(sets)
+    if "all" not in sets:
+        sets = {**sets, "all": ([], [r for n in names for r in sets[n][1]])}
+        predictions = {**predictions, "all": [p for n in names for p in predictions[n]]}
+    try:
+        scorer: MeteorScorer | None = MeteorScorer()
+    except MeteorUnavailableError:
+        scorer = None
+    try:
+        return {name: _metrics(spec, predictions[name], refs, scorer) for name, (_, refs) in sets.items()}
+    finally:
+        if scorer is not None:
+            scorer.close()
+
+
+def _decode_and_score(model: Any, tokenizer: Any, spec: RunSpec, split: str, limit: int) -> dict[str, Any]:
+    sets = eval_sets(spec, split, limit)
+    beams = spec.beams if split == "test" else 1
+    predictions = {name: generate_texts(model, tokenizer, sources, spec.data_spec().format,
+                                        batch_size=20 if beams == 1 else 8, num_beams=beams,
+                                        max_new_tokens=spec.max_new_tokens, progress=False)
+                   for name, (sources, _) in sets.items()}
+    scores = score_sets(spec, sets, predictions)
+    return {"metrics": scores["all"], "subsets": scores, "predictions": predictions,
+            "sources": {name: sources for name, (sources, _) in sets.items()}}
 
 
 def _last_epoch_loss(out: Path) -> float | None:
@@ -174,9 +251,13 @@ def run(spec: RunSpec, root: str | Path) -> dict[str, Any]:
         "stored_bytes": stored,
         "test": test["metrics"],
         "dev": dev["metrics"] if dev else None,
-        "example": test["predictions"][0],
+        "example": next(iter(test["predictions"].values()))[0],
+        "decoded": {"test": {k: test[k] for k in ("subsets", "predictions", "sources")}}
+                   | ({"dev": {k: dev[k] for k in ("subsets", "predictions", "sources")}} if dev else {}),
     }
-    atomic_write_text(out / "predictions-test.txt", "\n".join(test["predictions"]) + "\n")
+    for name, preds in test["predictions"].items():
+        suffix = "" if name == "all" else f"-{name}"
+        atomic_write_text(out / f"predictions-test{suffix}.txt", "\n".join(preds) + "\n")
     atomic_write_text(result_path, json.dumps(result, indent=2) + "\n")
     for state_file in out.glob("state-*.safetensors"):  # the resume state is dead weight once scored
         state_file.unlink()
