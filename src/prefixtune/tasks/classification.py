@@ -95,7 +95,8 @@ class MeanPoolingClassifier(nn.Module):
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
         nn.init.normal_(self.classifier.weight, std=getattr(cfg, "initializer_range", 0.02))  # as HF heads start
         nn.init.zeros_(self.classifier.bias)
-        self.classifier.to(next(encoder.parameters()).dtype)
+        param = next(encoder.parameters())
+        self.classifier.to(device=param.device, dtype=param.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,8 +132,8 @@ def head_modules(model: nn.Module, head: Sequence[str] | None = None) -> tuple[s
 
 
 def attach_classifier(model: nn.Module, config: PrefixConfig, head: Sequence[str] | None = None) -> PrefixModel:
-    """Freeze ``model`` (a ...ForSequence/TokenClassification encoder), add a prefix, train its head
-    (``head``: the submodules that train with the prefix; default: the architecture's classifier)."""
+    """Freeze ``model`` (a ...ForSequence/TokenClassification encoder or a ``MeanPoolingClassifier``), add a
+    prefix, train its head (``head``: the submodules that train with the prefix; default: ``head_modules``)."""
     return attach(model, config, train_modules=head_modules(model, head))
 
 
