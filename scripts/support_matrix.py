@@ -41,11 +41,23 @@ DECISIONS = [
     "  (GQA, fused QKV, MLA's differing K and V dims, per-layer dims);",
     "- decoder-only models outside the interface, or whose positions do not come from `position_ids`: the prefix",
     "  is written into the model's own `DynamicCache` as P past positions (PEFT's route);",
+    "  The cache route keeps the model's attention implementation as it was (Falcon reads its name), hands no",
+    "  cache back from a call made without one (MPT: `use_cache=False`, so generate re-feeds the sequence), gives",
+    "  a forward without `position_ids` positions from the attention mask (as generate's), and, for RoBERTa-like",
+    "  embeddings (positions from padding_idx + 1, where generate passes 0, 1, ...), `PrefixModel.generate`",
+    "  passes the model's own numbering; where the model numbers key positions by index (MPT's ALiBi, RoFormer,",
+    "  BART-like learned positions), left-padded batches with a prefix are refused at the call (the padding",
+    "  would sit between the prefix and the row's tokens);",
+    "- Doge's dynamic mask attention: the prefix keys get the per-key bias computed from their own values (as",
+    "  cached values would), inside its keep_window_size (past it the call is refused);",
     "- layers that reuse another layer's K/V (Gemma 3n) get their own prefix slot, initialized from the K/V",
     "  they reuse, so the real-token rule holds and training may let them differ;",
     "- recurrent / hybrid models (Mamba, linear attention, short convolutions: Jamba, Bamba, Zamba, Falcon-H1,",
     "  LFM2, Qwen3-Next, ...) are refused: K/V on their attention layers would not act as real past tokens,",
     "  because the recurrent state of those tokens is missing;",
+    "- attention whose cache keeps a convolution / recurrent state beside K/V (Zaya's CCA) is refused: that",
+    "  state of real past tokens is not K/V; CPM-Ant is refused by name: its forward rebuilds every call from the",
+    "  full input_ids behind its own prompt tokens and drops as many leading positions as its cache holds;",
     "- indexed sparse attention (DeepSeek V3.2, GLM DSA) is refused: its indexer would choose among prefix keys;",
     "- sliding windows: the prefix always stays visible (it never slides out); inside the window this equals",
     "  P real past tokens; `PrefixModel.forward` and `generate` agree past it",
@@ -67,6 +79,8 @@ def _reason(message: str) -> str:
         return "fails the real-token check"
     if "indexed (sparse) attention" in message:
         return "indexed sparse attention"
+    if "beside the keys and values" in message:
+        return "convolution / recurrent state in the attention cache"
     if "recurrent" in message:
         return "recurrent / hybrid layers"
     if "called more than once" in message:

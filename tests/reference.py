@@ -118,11 +118,27 @@ INIT_WORDS = "ab:c"  # t0, four tokens
 
 
 @torch.no_grad()
+def greedy_by_forward(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """(1, new_tokens) greedy tokens after ``ids`` (1, T), each from a full forward of everything so far."""
+    out = ids
+    for _ in range(new_tokens):
+        out = torch.cat([out, model(input_ids=out).logits[:, -1:].argmax(-1)], dim=1)
+    return out[:, ids.shape[1]:]
+
+
+def numbers_positions_from_padding_idx(model) -> bool:
+    """RoBERTa-like embeddings: their forward numbers positions from padding_idx + 1, while transformers'
+    generate passes 0, 1, ...: the base model's own generate and forward disagree on [t0; x]."""
+    return any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules())
+
+
+@torch.no_grad()
 def real_token_equivalence(model, x_len: int = 5, new_tokens: int = 4, atol: float = 1e-4) -> dict:
     """Check the rule on ``model``: a flat prefix initialized from the frozen model's own K/V of t0 gives
 
     - the logits of x that the base model gives for x after [t0; x], and
-    - the greedy continuation of x that the base model gives for [t0; x].
+    - the greedy continuation of x that the base model gives for [t0; x] (``generate``; for models whose
+      generate numbers positions unlike their forward, the greedy tokens of repeated full forwards).
 
     Raises AssertionError on a mismatch; returns {"max_logit_diff": float, "tokens": list}.
     """
@@ -134,7 +150,10 @@ def real_token_equivalence(model, x_len: int = 5, new_tokens: int = 4, atol: flo
     full = torch.cat([t0, x], dim=1)
     ref_logits = model(input_ids=full).logits[:, t0.shape[1]:].float()
     kw = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
-    ref_tokens = model.generate(input_ids=full, attention_mask=torch.ones_like(full), **kw)[:, full.shape[1]:]
+    if numbers_positions_from_padding_idx(model):
+        ref_tokens = greedy_by_forward(model, full, new_tokens)
+    else:
+        ref_tokens = model.generate(input_ids=full, attention_mask=torch.ones_like(full), **kw)[:, full.shape[1]:]
     alone = model(input_ids=x).logits.float()  # x without t0: the prefix must make a difference
     pm = attach(model, PrefixConfig(init=f"text:{INIT_WORDS}", reparam=False), tok)
     try:

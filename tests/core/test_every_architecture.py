@@ -13,23 +13,23 @@ from reference import real_token_equivalence
 from tiny_models import tiny_causal_lm
 
 from prefixtune import PrefixConfig, attach
-from prefixtune.core.spec import INDEXED, INEXACT, NOT_INTERFACE, RECURRENT, read_spec
+from prefixtune.core.spec import CACHE_STATE, INDEXED, INEXACT, NOT_INTERFACE, RECURRENT, read_spec
 
 SUPPORTED = [  # docs/support.md, "supported"
     "afmoe", "apertus", "arcee", "aria_text", "axk1", "bart", "beam", "bert", "bert-generation", "big_bird",
     "bigbird_pegasus", "biogpt", "bitnet", "blenderbot", "blenderbot-small", "bloom", "camembert", "codegen",
-    "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "deepseek_v2", "deepseek_v3", "dots1", "electra", "ernie",
-    "ernie4_5", "exaone4", "exaone_moe", "flex_olmo", "flint", "fuyu", "gemma", "gemma2", "gemma3", "gemma3_text",
-    "gemma3n_text",
-    "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "git", "glm", "glm4", "glm4_moe",
-    "glm4_moe_lite", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gpt_neox_japanese",
-    "gpt_oss", "gptj", "granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "helium",
-    "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe",
-    "kolibri1", "laguna", "lfm2", "llama", "llama4_text", "longcat_flash", "marian", "mbart", "mellum",
-    "mimo_v2_flash", "minicpm3", "minimax_m2", "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral",
-    "mllama", "modernbert-decoder", "moshi", "moss_transcribe_diarize", "mvp", "nanochat", "nemotron", "olmo",
-    "olmo2", "olmo3", "olmoe", "opt", "pegasus", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "plbart",
-    "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "roc_bert", "roformer", "seed_oss", "smollm3", "solar_open",
+    "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "data2vec-text", "deepseek_v2", "deepseek_v3", "doge",
+    "dots1", "electra", "ernie", "ernie4_5", "exaone4", "exaone_moe", "falcon", "flex_olmo", "flint", "fuyu",
+    "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
+    "gemma4_unified_text", "git", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "got_ocr2", "gpt-sw3", "gpt2",
+    "gpt_bigcode", "gpt_neo", "gpt_neox", "gpt_neox_japanese", "gpt_oss", "gptj", "granite", "granite_swa",
+    "granitemoe", "granitemoe_swa", "granitemoeshared", "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3",
+    "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe", "kolibri1", "laguna", "lfm2", "llama",
+    "llama4_text", "longcat_flash", "marian", "mbart", "mellum", "mimo_v2_flash", "minicpm3", "minimax_m2",
+    "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral", "mllama", "modernbert-decoder", "moshi",
+    "moss_transcribe_diarize", "mpt", "mvp", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "opt",
+    "pegasus", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "plbart", "qwen2", "qwen2_moe", "qwen3",
+    "qwen3_moe", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "seed_oss", "smollm3", "solar_open",
     "stablelm", "starcoder2", "trocr", "vaultgemma", "whisper", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
 ]
 
@@ -40,7 +40,8 @@ REFUSED = {
     "qwen3_next": RECURRENT,
     "deepseek_v32": INDEXED,
     "diffllama": "called more than once per forward",
-    "mpt": INEXACT,
+    "cpmant": INEXACT,
+    "zaya": CACHE_STATE,
 }
 
 
@@ -66,3 +67,113 @@ def test_fused_qkv_gqa_and_cache_route_shapes_are_read_from_the_modules():
         ("attention", 2, 2, 8)
     bloom = read_spec(tiny_causal_lm("bloom"))
     assert (bloom.route, bloom.stacks[0].num_layers, bloom.stacks[0].num_kv_heads) == ("cache", 2, 4)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("variant", [
+    {"alibi": True},  # ALiBi instead of RoPE
+    {"new_decoder_architecture": True},  # grouped K/V, two layer norms
+    {"alibi": True, "multi_query": False, "parallel_attn": False, "num_kv_heads": 4},  # sequential, one K/V per head
+])
+def test_falcon_variants_equal_real_tokens(variant):
+    """Falcon reads its own attention implementation's name ('sdpa', else an eager path that adds the mask):
+    the cache route leaves it as it was, for every variant of position scheme and layout."""
+    import torch
+    from tiny_models import tiny_config
+    from transformers import FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config("falcon")
+    for key, value in variant.items():
+        setattr(cfg, key, value)
+    real_token_equivalence(FalconForCausalLM(cfg).eval())
+
+
+def _left_padded_generate_equals_row_alone(model_type: str, ids_a, ids_b) -> None:
+    import torch
+    from reference import INIT_WORDS, IdTokenizer
+
+    model = tiny_causal_lm(model_type)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pm = attach(model, PrefixConfig(init=f"text:{INIT_WORDS}", reparam=False), IdTokenizer())
+    kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": pad, "eos_token_id": None}
+    short, long_ = torch.tensor([ids_a]), torch.tensor([ids_b])
+    width = long_.shape[1]
+    padded = torch.cat([torch.full((1, width - short.shape[1]), pad), short], dim=1)
+    batch = torch.cat([padded, long_])
+    mask = torch.cat([torch.cat([torch.zeros(1, width - short.shape[1]), torch.ones_like(short)], 1),
+                      torch.ones_like(long_)]).long()
+    try:
+        with torch.no_grad():
+            logits = pm(input_ids=batch, attention_mask=mask).logits[0, width - short.shape[1]:]
+            diff = float((logits - pm(input_ids=short).logits[0]).abs().max())
+        together = pm.generate(input_ids=batch, attention_mask=mask, **kw)[:, width:]
+        alone = torch.stack([pm.generate(input_ids=t, attention_mask=torch.ones_like(t), **kw)[0, t.shape[1]:]
+                             for t in (short, long_)])
+    finally:
+        pm.detach()
+    assert diff < 1e-4, f"the padded row's logits differ from the row alone's by {diff}"
+    assert torch.equal(together, alone), f"{together.tolist()} != rows alone {alone.tolist()}"
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("model_type", ["roberta", "falcon", "bloom", "gptj"])
+def test_cache_route_left_padded_rows_equal_rows_alone(model_type):
+    """RoBERTa numbers positions from padding_idx + 1 (PrefixModel.generate passes that numbering, pad-aware);
+    Falcon and GPT-J get position_ids from the mask in forward too (as generate's are); Bloom's ALiBi follows
+    the mask: the prefix stays P past positions in a left-padded batch."""
+    _left_padded_generate_equals_row_alone(model_type, [9, 10, 11], [12, 13, 14, 15, 16])
+
+
+@pytest.mark.parametrize("model_type", ["mpt", "roformer"])
+def test_cache_route_refuses_left_padding_where_positions_count_by_index(model_type):
+    """MPT's ALiBi and RoFormer's rotary number keys by index: a left pad would sit between the prefix and the
+    row's tokens. The base model alone is unchanged by left padding, so this is the prefix's doing: refused."""
+    import torch
+
+    model = tiny_causal_lm(model_type)
+    ids, mask = torch.tensor([[0, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1]])
+    with torch.no_grad():
+        base_diff = float((model(input_ids=ids, attention_mask=mask).logits[0, 1:]
+                           - model(input_ids=ids[:, 1:]).logits[0]).abs().max())
+    assert base_diff < 1e-4
+    pm = attach(model, PrefixConfig(prefix_length=2))
+    try:
+        with pytest.raises(ValueError, match="numbers key positions by index"):
+            pm(input_ids=ids, attention_mask=mask)
+        pm(input_ids=torch.tensor([[9, 10, 11, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]]))  # right padding
+    finally:
+        pm.detach()
+
+
+def test_cache_route_call_without_cache_returns_none_and_double_attach_is_refused():
+    """MPT keeps no cache (use_cache=False): the cache that carried the prefix is not handed back, else generate
+    would feed the whole sequence again on top of it. The cache route renames no attention implementation,
+    so attaching twice is told by the model's own mark."""
+    import torch
+
+    model = tiny_causal_lm("mpt")
+    pm = attach(model, PrefixConfig(prefix_length=2))
+    out = pm(input_ids=torch.tensor([[5, 6, 7]]))
+    assert out.past_key_values is None
+    assert pm(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values.get_seq_length() == 2 + 3
+    with pytest.raises(ValueError, match="already has prefixtune attached"):
+        attach(model, PrefixConfig(prefix_length=2))
+    pm.detach()
+    attach(model, PrefixConfig(prefix_length=2)).detach()
+
+
+def test_doge_refuses_a_prefix_past_its_dynamic_mask_window():
+    """Doge keeps the top keep_window_size keys of each query, chosen over its own keys: past the window a
+    prefix would not be selected like real past tokens, so the call is refused with the reason."""
+    import torch
+
+    model = tiny_causal_lm("doge")
+    model.config.keep_window_size = 6
+    for layer in model.model.layers:
+        layer.self_attn.keep_window_size = 6
+    pm = attach(model, PrefixConfig(prefix_length=2))
+    pm(input_ids=torch.tensor([[5, 6, 7, 8]]))  # 2 + 4 keys: inside the window
+    with pytest.raises(ValueError, match="keep_window_size=6"):
+        pm(input_ids=torch.tensor([[5, 6, 7, 8, 9]]))
+    pm.detach()

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.utils import ModelOutput
 
 from prefixtune.core.kv import layer_kv
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # spec.py imports this module (its probe), so only for annota
 
 SLOT_ATTR = "_prefixtune_slot"
 OWNER_ATTR = "_prefixtune_injection"
+ATTACHED_ATTR = "_prefixtune_attached"
 KWARG = "prefixtune"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -148,12 +150,14 @@ def _extend_mask(
     kv_len: int,
     is_causal: bool,
     additive: torch.dtype | None,
+    prefix_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prepend P prefix columns to an attention mask.
 
     mask: None, bool (True = attend) or additive float, broadcastable to (B, h, q, kv).
     prefix_allowed: (B, 1, q|1, P) bool. Returns (B, h, q, P + kv): bool, or additive of dtype
     ``additive`` when given (eager functions add the mask to the scores, so a bool would add +1/+0).
+    prefix_bias: (B, h, 1, P) added to the allowed prefix columns of an additive mask (Doge's dynamic mask).
 
     With no mask, the real columns get what the base function would do without one: sdpa's
     ``is_causal`` for q > 1, which is aligned top-left (query i sees keys 0..i: a prefill, also of
@@ -176,8 +180,28 @@ def _extend_mask(
         both = torch.cat([allowed, mask], dim=-1)
         return torch.zeros(both.shape, dtype=additive, device=device).masked_fill(~both, torch.finfo(additive).min)
     blocked = torch.finfo(mask.dtype).min
-    prefix_part = torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(~allowed, blocked)
+    prefix_part = torch.zeros(allowed.shape, dtype=mask.dtype, device=device)
+    if prefix_bias is not None:
+        prefix_part = prefix_part + prefix_bias.to(mask.dtype)
+    prefix_part = prefix_part.masked_fill(~allowed, blocked)
     return torch.cat([prefix_part, mask], dim=-1)
+
+
+def _dynamic_mask_bias(module: nn.Module, pv: torch.Tensor, heads: int, kv_len: int) -> torch.Tensor | None:
+    """Doge's dynamic mask attention adds a per-key bias computed from each key's value,
+    exp(A · softplus(dt_proj(v))): the prefix keys get theirs from the prefix values, as cached
+    values would. pv: (B, kv_heads, P, head_dim); returns (B, heads, 1, P), or None for other modules."""
+    if not (hasattr(module, "prepare_dynamic_mask") and hasattr(module, "dt_proj") and hasattr(module, "A")):
+        return None
+    b, kvh, p, d = pv.shape
+    window = int(getattr(module, "keep_window_size", 0) or 0)
+    if window and p + kv_len > window:
+        raise ValueError(f"{type(module).__name__} keeps only the top keep_window_size={window} keys of each query; "
+                         f"with the prefix that is {p} + {kv_len} keys, and its selection (made over its own keys "
+                         "before the prefix is added) would differ from that over real past tokens")
+    dt = module.dt_proj(pv.transpose(1, 2).reshape(b, p, kvh * d))  # (B, P, kv_heads)
+    dt = torch.exp(module.A * nn.functional.softplus(dt)).transpose(-1, -2)  # (B, kv_heads, P)
+    return dt.repeat_interleave(heads // dt.shape[1], dim=1)[:, :, None, :]
 
 
 def _make_attention(base: str) -> Callable[..., Any]:
@@ -219,7 +243,8 @@ def _make_attention(base: str) -> Callable[..., Any]:
         if base == "eager" and attention_mask is None:
             is_causal = False  # eager functions apply no causal mask of their own
         additive = query.dtype if base == "eager" else None
-        attention_mask = _extend_mask(attention_mask, allowed, q_len, kv_len, is_causal, additive)
+        dynamic = None if attention_mask is None else _dynamic_mask_bias(module, pv, query.shape[1], kv_len)
+        attention_mask = _extend_mask(attention_mask, allowed, q_len, kv_len, is_causal, additive, dynamic)
         bias = kwargs.get("position_bias")
         if bias is not None:  # T5: the prefix is position-less, so its columns get no bias
             pad = torch.zeros(*bias.shape[:-1], p, dtype=bias.dtype, device=bias.device)
@@ -333,6 +358,47 @@ def record_cache_shapes(model: nn.Module, **inputs: Any) -> list[tuple[int, int,
     return [(la.keys.shape[1], la.keys.shape[3], la.values.shape[1], la.values.shape[3]) for la in layers]
 
 
+@torch.no_grad()
+def padding_moves_cached_positions(model: nn.Module, ids: torch.Tensor, position_ids: bool) -> bool:
+    """Whether one left pad between a cache and the next tokens changes those tokens' logits.
+
+    ids: (1, 3) ordinary tokens; the first is cached, the other two follow with and without a masked pad in
+    front of them (``position_ids``: given from the mask, as the cache route gives them). True for models that
+    number key positions by index (MPT's ALiBi, RoFormer's rotary, BART's learned positions), where the pads of
+    a left-padded row would sit between a cached prefix and the row's tokens; False where positions follow the
+    attention mask (Bloom's ALiBi, RoBERTa-like ids, position_ids).
+    """
+    was_training = model.training
+    model.eval()
+    pad = getattr(model.config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) else 0
+    try:
+        logits = []
+        for pads in (0, 1):
+            cache = model(input_ids=ids[:, :1], use_cache=True).past_key_values
+            rest = torch.cat([torch.full((1, pads), pad, dtype=ids.dtype, device=ids.device), ids[:, 1:]], dim=1)
+            mask = torch.ones(1, 1 + rest.shape[1], dtype=torch.long, device=ids.device)
+            mask[:, 1:1 + pads] = 0
+            extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, 1:]} if position_ids else {}
+            out = model(input_ids=rest, past_key_values=cache, attention_mask=mask, use_cache=True, **extra)
+            logits.append(out.logits[:, pads:].float())
+    finally:
+        model.train(was_training)
+    scale = max(1.0, float(logits[0].abs().max()))
+    return not torch.allclose(logits[0], logits[1], atol=1e-4 * scale, rtol=0)
+
+
+def stateful_cache_layers(model: nn.Module) -> list[str]:
+    """Class names of the layers of the model's own cache (``DynamicCache(config=...)``) that keep a
+    convolution or recurrent state besides keys and values (e.g. Zaya's attention); [] when there are none."""
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a config the cache cannot read layer types from: it keeps keys and values alone
+        return []
+    stateful = (layer for layer in cache.layers if hasattr(layer, "conv_states") or hasattr(layer, "recurrent_states"))
+    return sorted({type(layer).__name__ for layer in stateful})
+
+
 def _fill_cache(cache: DynamicCache, batch: PrefixBatch, bsz: int) -> None:
     """Write every layer's prefix keys/values (rows_to ``bsz``) into an empty cache, as P past positions."""
     spec = (batch.layouts or {}).get("decoder")
@@ -419,6 +485,8 @@ class Injection:
         # The batch of the model call in progress, for layers that do not thread the keyword argument down
         # (the keyword stays the primary way: it survives gradient checkpointing's recomputation).
         self.current: PrefixBatch | None = None
+        if getattr(model, ATTACHED_ATTR, False):  # the cache route renames no implementation: this tells it
+            raise ValueError("this model already has prefixtune attached; detach() it first")
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         for sub in model.modules():  # refuse before changing anything
             impl = getattr(getattr(sub, "config", None), "_attn_implementation", None)
@@ -441,6 +509,8 @@ class Injection:
             cfg = getattr(sub, "config", None)
             if cfg is not None and hasattr(cfg, "_attn_implementation"):
                 configs[id(cfg)] = cfg
+        if spec.route == "cache":  # no attention call carries the prefix; the model's own code reads its
+            configs = {}  # implementation's name (Falcon: == "sdpa", else eager that adds the mask), so keep it
         self._saved_impl: list[tuple[Any, str]] = []
         for cfg in configs.values():
             impl = cfg._attn_implementation
@@ -448,7 +518,11 @@ class Injection:
                 continue
             self._saved_impl.append((cfg, impl))
             cfg._attn_implementation_internal = f"prefixtune_{impl}"
+        setattr(model, ATTACHED_ATTR, True)
         self._hooks = [model.register_forward_pre_hook(self._hook(decoder=spec.kind == "seq2seq"), with_kwargs=True)]
+        self._scratch_cache: DynamicCache | None = None
+        if spec.route == "cache":
+            self._hooks.append(model.register_forward_hook(self._drop_scratch_cache))
         if spec.kind == "seq2seq":
             encoder = model.get_encoder()
             self._hooks.append(encoder.register_forward_pre_hook(self._hook(decoder=False), with_kwargs=True))
@@ -494,6 +568,10 @@ class Injection:
             if cache is not None and not isinstance(cache, DynamicCache):
                 raise ValueError(f"{self.spec.architecture} carries its prefix in the KV cache; "
                                  f"{type(cache).__name__} is not supported there (use the default DynamicCache)")
+            wanted = kwargs.get("use_cache")
+            if cache is None and not (getattr(self.model.config, "use_cache", True) if wanted is None else wanted):
+                self._scratch_cache = cache = DynamicCache()  # the call keeps no cache: it is not returned (MPT's
+                # generate feeds the whole sequence each step and would otherwise get the prefix's cache back)
             cache = cache if cache is not None else DynamicCache()
             _fill_cache(cache, batch, bsz)
             kwargs["past_key_values"] = cache
@@ -505,11 +583,32 @@ class Injection:
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones(bsz, past - p + q_len, dtype=torch.long, device=device)
+        if mask.ndim == 2 and not self.spec.left_padding_exact:
+            real = mask[:, -(past - p + q_len):].bool()
+            if bool((~real[:, :-1] & real[:, 1:]).any()):  # a pad in front of a real token
+                raise ValueError(
+                    f"{self.spec.architecture} numbers key positions by index, not by the attention mask: in a "
+                    "left-padded row the padding sits between the prefix (the first P cache positions) and the row's "
+                    "tokens and moves them apart, so the row would not compute what it does alone; pass unpadded "
+                    "rows (e.g. one per call) or right-padded ones (forward, training)")
         if mask.ndim == 2 and mask.shape[1] == past - p + q_len:
             kwargs["attention_mask"] = torch.cat([valid.to(mask.dtype), mask], dim=1)
+        if kwargs.get("position_ids") is None and self.spec.cache_position_ids and mask.ndim == 2:
+            kwargs["position_ids"] = (mask[:, -(past - p + q_len):].long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
         if kwargs.get("position_ids") is not None and batch.lengths is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + rows_to(batch.lengths.to(device), bsz)[:, None]
         return kwargs
+
+    def _drop_scratch_cache(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """Cache route, a call made without a cache: the cache that carried the prefix is not handed back."""
+        cache, self._scratch_cache = self._scratch_cache, None
+        if cache is None:
+            return None
+        if isinstance(output, ModelOutput):
+            return type(output)(**{k: v for k, v in output.items() if v is not cache})
+        if isinstance(output, tuple):
+            return tuple(v for v in output if v is not cache)
+        return None
 
     @contextmanager
     def active(self, batch: PrefixBatch | None) -> Iterator[None]:
@@ -538,6 +637,8 @@ class Injection:
         """Give the model back as it was (attention implementation, tags, hooks)."""
         for h in self._hooks:
             h.remove()
+        if self._hooks and hasattr(self.model, ATTACHED_ATTR):
+            delattr(self.model, ATTACHED_ATTR)
         for mod in self._tagged:
             for attr in (SLOT_ATTR, OWNER_ATTR):
                 if hasattr(mod, attr):

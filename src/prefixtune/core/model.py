@@ -142,6 +142,7 @@ class PrefixModel(nn.Module):
         Decoder-only batches should be left-padded; positions are taken from the attention mask.
         row_prefixes: one prefix per row, as in ``forward``.
         """
+        kwargs = self._own_positions(input_ids, kwargs)
         if row_prefixes is not None:
             with self.injection.active(self._row_batch(row_prefixes)):
                 return self.base.generate(input_ids=input_ids, **kwargs)
@@ -154,6 +155,17 @@ class PrefixModel(nn.Module):
         batch = self.prefix_batch(infix_start)
         with self.injection.active(batch):
             return self.base.generate(input_ids=input_ids, **kwargs)
+
+    def _own_positions(self, input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """RoBERTa-like models number positions from padding_idx + 1 in their forward, but ``generate`` passes
+        position_ids 0, 1, ... of its own: the prefix (made by forward) and the tokens after it would then sit at
+        positions of two numberings. Pass the model's own, (B, T) from the attention mask (padding: padding_idx)."""
+        pad = self.spec.position_padding_idx
+        if pad is None or input_ids is None or kwargs.get("position_ids") is not None:
+            return kwargs
+        mask = kwargs.get("attention_mask")
+        real = (input_ids != pad) if mask is None else mask.bool()
+        return {**kwargs, "position_ids": real.long().cumsum(-1) * real + pad}
 
     # ------------------------------------------------------------------ training helpers
     def fold(self) -> PrefixModel:

@@ -19,7 +19,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from prefixtune.core.inject import AttentionCall, record_attention_calls, record_cache_shapes
+from prefixtune.core.inject import (
+    AttentionCall,
+    padding_moves_cached_positions,
+    record_attention_calls,
+    record_cache_shapes,
+    stateful_cache_layers,
+)
 
 Kind = Literal["causal", "seq2seq", "encoder"]
 Route = Literal["attention", "cache"]
@@ -33,17 +39,20 @@ NOT_INTERFACE = ("computes attention inside its own module, not through transfor
 RECURRENT = ("has recurrent (Mamba / linear-attention / convolution) layers whose state a prefix cannot set: "
              "K/V in front of its attention layers would not act as real past tokens, so it is refused")
 
+CACHE_STATE = ("keeps a convolution / recurrent state beside the keys and values of its attention layers' cache "
+               "(its queries and keys mix the previous tokens through a causal convolution, its values carry the "
+               "previous token's projection): real past tokens set that state, a prefix of keys and values cannot, "
+               "so it is refused")
+
 INDEXED = ("has indexed (sparse) attention: a learned indexer picks which cached keys each query attends to, "
            "so prefix keys would be kept or dropped by the indexer rather than always seen; it is refused")
 
-# Decoder-only families that both routes accept mechanically but that fail the real-token rule on tiny models
-# (scripts/support_matrix.py; their own position or mask handling differs from a KV cache of P real tokens).
-# Refused by name until a per-family route makes them exact; as encoders (RoBERTa-like) they stay supported.
+# Decoder-only families that the cache route accepts mechanically but that cannot act as P real past tokens,
+# refused by name with the reason (the real-token check fails for them: scripts/support_matrix.py).
 INEXACT_CAUSAL = {
-    "cpmant": "segment-relative positions", "doge": "dynamic mask attention", "falcon": "its own cache handling",
-    "mpt": "ALiBi over a cache of its own layout (greedy differs)", "roberta": "generate's position ids",
-    "data2vec-text": "generate's position ids", "roberta-prelayernorm": "generate's position ids",
-    "zaya": "its own cache handling",
+    "cpmant": ("its forward rebuilds every call from the full input_ids, with its own learned prompt tokens in "
+               "front, and drops as many leading positions as its cache holds: P prefix positions in the cache "
+               "would be taken for the first P of its own prompt and tokens, not as past tokens before them"),
 }
 INEXACT = "fails the real-token check (a prefix from t0's own K/V does not equal t0 in front; docs/support.md)"
 
@@ -106,6 +115,15 @@ class ModelSpec:
     shift_positions: bool
     slots: tuple[tuple[str, Stack, int], ...]  # (module path, stack, layer); () on the cache route
     route: Route = "attention"  # "cache": the prefix is the first P positions of the model's own KV cache
+    # RoBERTa-like embeddings number a row's tokens padding_idx + 1, + 2, ... (padding takes padding_idx), where
+    # transformers' generate passes 0, 1, ...: PrefixModel.generate passes the model's own numbering (None: not so)
+    position_padding_idx: int | None = None
+    # Cache route: False where the model numbers key positions by index (MPT's ALiBi, RoFormer): the pads of a
+    # left-padded row would sit between the prefix and its tokens, so such batches are refused at the call
+    left_padding_exact: bool = True
+    # Cache route: the model's forward takes position_ids; a call without them gets them from the attention mask
+    # (padding takes no position), as generate's are, and shifted by P
+    cache_position_ids: bool = False
 
     def stack(self, name: str) -> StackSpec:
         for s in self.stacks:
@@ -151,6 +169,9 @@ def _refuse_recurrent(model: nn.Module, name: str, model_type: str) -> None:
     if recurrent or classes:
         found = recurrent or classes
         raise ValueError(f"{name} (model_type={model_type!r}) {RECURRENT} (found {found[:4]})")
+    stateful = stateful_cache_layers(model)
+    if stateful:
+        raise ValueError(f"{name} (model_type={model_type!r}) {CACHE_STATE} (its cache layers: {stateful})")
 
 
 def _stack_of(call: AttentionCall, path: str, kind: Kind, encoder_paths: set[str]) -> Stack:
@@ -188,12 +209,24 @@ def _cache_route_spec(model: nn.Module, name: str, model_type: str, seq2seq: boo
         raise ValueError(f"{name} (model_type={model_type!r}) {NOT_INTERFACE}, and it keeps no standard "
                          "per-layer KV cache (DynamicCache) to carry the prefix instead")
     emb = model.get_input_embeddings()
+    padding_idx = _position_padding_idx(model)
+    position_ids = padding_idx is None and "position_ids" in inspect.signature(model.forward).parameters
     return ModelSpec(
         model_type=model_type, architecture=name, kind="causal", stacks=(_stack_spec("decoder", dims),),
         hidden_size=emb.embedding_dim,
         vocab_size=int(getattr(_text_config(model.config), "vocab_size", None) or emb.num_embeddings),
-        shift_positions=True, slots=(), route="cache",
+        shift_positions=True, slots=(), route="cache", position_padding_idx=padding_idx,
+        left_padding_exact=not padding_moves_cached_positions(model, _probe_ids(model, 3), position_ids),
+        cache_position_ids=position_ids,
     )
+
+
+def _position_padding_idx(model: nn.Module) -> int | None:
+    """The padding_idx from which RoBERTa-like embeddings count positions (their own, not generate's), or None."""
+    for m in model.modules():
+        if hasattr(m, "create_position_ids_from_input_ids") and isinstance(getattr(m, "padding_idx", None), int):
+            return int(m.padding_idx)
+    return None
 
 
 def read_spec(model: nn.Module) -> ModelSpec:
