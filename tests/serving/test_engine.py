@@ -77,29 +77,38 @@ def _engine(model, prefixes, config: EngineConfig | None = None) -> Engine:
 
 @pytest.mark.parametrize(("name", "seed"), [("llama", 0), ("llama", 1), ("llama", 2), ("qwen3", 0), ("gpt2", 0)])
 def test_mixed_batch_equals_each_request_alone(name, seed):
-    """Prefill of everything (in length groups, or one left-padded group), then continuous batching (3 rows,
-    joining 2 at a time)."""
+    """Prefill of everything (packed in one row, in length groups, or one left-padded group), then continuous
+    batching (3 rows, joining 2 at a time), over both cache layouts."""
     model, prefixes, work, expected = _prefixes_and_references(name, seed)
-    for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16),
-                   EngineConfig(max_batch_size=16, max_prefill_batch=16, max_prefill_padding=1e9),  # one padded group
-                   EngineConfig(max_batch_size=3, max_prefill_batch=2),
-                   EngineConfig(max_batch_size=16, max_prefill_batch=16, kv_cache="dynamic"),
-                   EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="dynamic")):
+    for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16),  # packed: all 9 in one row
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2),  # packed, continuous joins
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, kv_cache="preallocated"),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="preallocated"),
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill="grouped"),
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill="grouped",
+                                max_prefill_padding=1e9),  # one padded group
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped"),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="preallocated")):
         engine = _engine(model, prefixes, config)
+        assert (engine.packing_refused is None) == (config.prefill == "packed"), engine.packing_refused
         got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
                               [w[1] for w in work])
         assert got == expected, config
         assert engine.stats().running == 0 and engine._shared.cache is None
 
 
+@pytest.mark.parametrize("prefill", ["packed", "grouped"])
 @pytest.mark.parametrize("layout", ["preallocated", "dynamic"])
-def test_requests_joining_mid_flight_and_alone_agree(layout):
+def test_requests_joining_mid_flight_and_alone_agree(layout, prefill):
+    """New requests before every step (two at a time after the first: packed joins of mixed prefixes)."""
     model, prefixes, work, expected = _prefixes_and_references("llama", 3)
-    engine = _engine(model, prefixes, EngineConfig(max_batch_size=4, max_prefill_batch=1, kv_cache=layout))
+    engine = _engine(model, prefixes, EngineConfig(max_batch_size=5, max_prefill_batch=2, kv_cache=layout,
+                                                   prefill=prefill))
     gens = []
-    for prompt, prefix, new in work:  # one new request before every step: the batch changes each step
+    for i, (prompt, prefix, new) in enumerate(work):  # the batch changes each step
         gens.append(engine.submit(prompt, SamplingParams(max_new_tokens=new), prefix))
-        engine.step()
+        if i % 2 == 0:
+            engine.step()
     while engine.step():
         pass
     assert [g.tokens for g in gens] == expected
@@ -279,23 +288,30 @@ def test_cache_surgery_pads_on_the_left_merges_and_keeps_rows():
     assert cache_length(empty) == 0 and none_mask.shape == (2, 0)
 
 
-def test_prefill_groups_prompts_of_similar_length_so_padding_stays_within_the_bound():
+def test_prefill_packs_or_groups_prompts_so_padding_stays_within_the_bound():
     model = _model("llama", 0)
     shapes: list[tuple[int, int]] = []
     handle = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                              with_kwargs=True)
     lengths = [2, 40, 2, 11, 3, 10, 39, 40]
     prompts = [list(range(5, 5 + n)) for n in lengths]
-    padded_engine, grouped_engine = Engine(model, EngineConfig(max_prefill_padding=1e9)), Engine(model)
+    padded_engine = Engine(model, EngineConfig(max_prefill_padding=1e9, prefill="grouped"))
+    grouped_engine = Engine(model, EngineConfig(prefill="grouped"))
+    packed_engine = Engine(model)
     try:
         shapes.clear()  # only the forwards of generation count
         padded = padded_engine.generate(prompts, SamplingParams(max_new_tokens=3))
         one_group = list(shapes)
         shapes.clear()
         grouped = grouped_engine.generate(prompts, SamplingParams(max_new_tokens=3))
+        grouped_shapes = list(shapes)
+        shapes.clear()
+        packed = packed_engine.generate(prompts, SamplingParams(max_new_tokens=3))
     finally:
         handle.remove()
-    assert grouped == padded  # the grouping changes the cost, not the tokens
+    assert grouped == padded == packed  # the grouping and the packing change the cost, not the tokens
+    assert [s for s in shapes if s[1] > 1] == [(1, sum(lengths))]  # packed: one row, no padding
+    shapes = grouped_shapes
     assert one_group[0] == (8, 40)
     prefill = [s for s in shapes if s[1] > 1]
     assert sorted(prefill) == [(1, 3), (2, 2), (2, 11), (3, 40)]  # 2+2 | 3 | 10+11 | 39+40+40
@@ -332,3 +348,27 @@ def test_compiled_decode_gives_the_tokens_of_prefix_model_generate():
     got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
                           [w[1] for w in work])
     assert got == expected and engine._decode_model is not None
+
+
+def test_packing_is_refused_where_it_would_not_be_exact_and_the_grouped_prefill_serves(monkeypatch):
+    """An eager-attention model, and a model whose packed attention would let requests see each other
+    (``packed_attention`` replaced by a no-op), are refused at construction with the reason; their tokens
+    stay those of each request alone."""
+    import contextlib
+
+    from prefixtune.serving import engine as engine_module
+
+    model, prefixes, work, expected = _prefixes_and_references("llama", 0)
+    eager = tiny("llama", attn="eager", seed=0)
+    eager.load_state_dict(model.state_dict())
+    assert "'eager'" in Engine(eager).packing_refused
+    monkeypatch.setattr(engine_module, "packed_attention", lambda model, segments: contextlib.nullcontext())
+    engine = _engine(model, prefixes, EngineConfig(max_batch_size=16, max_prefill_batch=16))
+    assert engine.packing_refused.startswith("packed logits differ from the request alone")
+    got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
+                          [w[1] for w in work])
+    assert got == expected
+    for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16), EngineConfig(prefill="grouped")):
+        eager_engine = _engine(eager.requires_grad_(False), prefixes, config)
+        assert eager_engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
+                                     [w[1] for w in work]) == expected

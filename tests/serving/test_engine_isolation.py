@@ -105,13 +105,18 @@ def test_a_failing_forward_fails_its_batch_only():
     assert shared.finish_reason == "length" and shared.tokens == expected
 
 
-def test_sliding_window_model_is_exact_inside_the_window_and_refuses_beyond():
+@pytest.mark.parametrize("prefill", ["packed", "grouped"])
+def test_sliding_window_model_is_exact_inside_the_window_and_refuses_beyond(prefill):
+    """Packed, the joiners are prefilled together (their rows have no padding inside their columns);
+    grouped, one at a time."""
     model = _model("mistral", seed=1, sliding_window=12)
     g = torch.Generator().manual_seed(0)
+    engine = Engine(model, EngineConfig(max_prefill_batch=8, prefill=prefill))
+    assert (engine.packing_refused is None) == (prefill == "packed")
+    assert engine.scheduler.max_prefill_batch == (8 if prefill == "packed" else 1)
     pm = attach(model, PrefixConfig(prefix_length=3, reparam=False))
     with torch.no_grad():
         pm.prefix.stacks["decoder"].table.copy_(torch.randn(pm.prefix.stacks["decoder"].table.shape, generator=g))
-    engine = Engine(model, EngineConfig(max_prefill_batch=8))
     engine.add_prefix("p", pm)
     work = [([5, 6, 7, 8, 9], "p", 4), ([10, 11], None, 9), ([12, 13, 14], "p", 6), ([15], "p", 8)]  # totals <= 12
     expected = []

@@ -12,8 +12,16 @@ positions, in front of the row's own tokens. One cache holds every row of a batc
 common length; a (B, L) mask marks each row's real columns (its prefix and its tokens), and each new
 token's position is the count of real columns before it (P_r + tokens so far), exactly where
 ``PrefixModel.generate`` puts it. A row therefore attends only to its own prefix and its own tokens.
-Joining requests are prefilled together (their prefixes right-aligned in a fresh cache, prompts
-left-padded) and merged into the running batch; the cache layout lives in ``core/cache.py``.
+Joining requests are prefilled together and merged into the running batch; the cache layout lives in
+``core/cache.py``. By default they are packed (``prefill="packed"``): their prompts concatenated into one
+row, each request's positions restarting at its P_r, and an attention that keeps each request to its own
+prefix and its own tokens (causal), so that a prefill costs the sum of its prompts' lengths; each
+request's K/V is then laid out as a row of the batch. Packing is used where it is exact, which the engine
+checks once at construction (``packing_refused`` says why not): the model must run transformers' ``sdpa``
+attention (through the attention interface) and take explicit position ids, as RoPE and learned
+absolute positions do. Elsewhere (eager-only models, position biases built from the attention mask, a
+model whose packed logits differ from its own), and with ``prefill="grouped"``, joiners are prefilled in
+groups of similar length, left-padded (``max_prefill_padding``), their prefixes right-aligned.
 
 What is promised. Greedy rows give exactly the tokens of ``PrefixModel.generate`` alone (the tests
 check it over continuous joins, cancellations and mixed prefix lengths). A request with a ``seed`` is
@@ -27,8 +35,9 @@ failing forward fails the rows of that batch only.
 
 Sliding-window models (``config.sliding_window`` set): served only for requests whose whole context
 (prefix + prompt + max_new_tokens) fits in the window, where sliding-window attention equals full
-attention; such requests are prefilled one at a time so that no padding sits inside a row's columns
-(the window counts cache columns). Longer requests are refused at submit.
+attention. A packed prefill lays each row out with no padding inside its columns (the window counts
+cache columns), so such requests are packed like any others; without packing they are prefilled one at a
+time. Longer requests are refused at submit.
 
 Size: ~430 lines: the wiring of the four parts plus the submit-time checks and the engine thread; the
 parts themselves live in registry.py, scheduler.py, batch.py and sampling.py.
@@ -48,7 +57,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from prefixtune.core.cache import LAYOUTS, Layout, cache_from_prefixes
+from prefixtune.core.cache import (LAYOUTS, Layout, Segment, cache_from_prefixes, packed_attention, packing_refused_now,
+                                   unpack_rows)
 from prefixtune.core.model import PrefixModel
 from prefixtune.core.spec import read_spec
 from prefixtune.errors import QueueFullError, UnknownPrefixError
@@ -65,6 +75,8 @@ logger = logging.getLogger(__name__)
 COUNTERS = ("requests_submitted", "requests_rejected", "requests_stop", "requests_length", "requests_cancelled",
             "requests_error", "prompt_tokens", "generated_tokens", "steps", "decoded_rows")
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+PrefillMode = Literal["packed", "grouped"]
+PREFILL_MODES: tuple[str, ...] = ("packed", "grouped")
 COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
 
 
@@ -80,7 +92,10 @@ class EngineConfig:
             ``max_position_embeddings``.
         max_resident_prefixes: most prefixes kept on the engine's device; the least recently used
             beyond it go to CPU memory (or, on a CPU engine, back to their folder). None: all resident.
-        max_prefill_padding: joiners are prefilled in groups of similar prompt length, each left-padded
+        prefill: "packed": the joiners of a step (seeded ones aside) are prefilled as one packed row, where
+            the model passes the packing check (``Engine.packing_refused``); "grouped", or where it does
+            not: in groups of similar prompt length, as ``max_prefill_padding`` describes.
+        max_prefill_padding: without packing, joiners are prefilled in groups of similar prompt length, each left-padded
             to its longest prompt, with at most this much padding per real prompt token (0.05: a prefill
             costs at most 5 percent more than the sum of its prompts' lengths); a larger value joins more
             requests per forward.
@@ -99,6 +114,7 @@ class EngineConfig:
     max_context: int | None = None
     max_resident_prefixes: int | None = None
     max_prefill_padding: float = 0.05
+    prefill: PrefillMode = "packed"
     kv_cache: Layout = "dynamic"
     compile_decode: CompileMode = "off"
 
@@ -119,6 +135,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_padding must be a number >= 0, got {self.max_prefill_padding!r}")
         if self.kv_cache not in LAYOUTS:
             raise ValueError(f"kv_cache must be one of {LAYOUTS}, got {self.kv_cache!r}")
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {self.prefill!r}")
         if self.compile_decode not in COMPILE_MODES:
             raise ValueError(f"compile_decode must be one of {COMPILE_MODES}, got {self.compile_decode!r}")
 
@@ -170,8 +188,14 @@ class Engine:
         self._decode_model: nn.Module | None = None  # compiled on first use (compile_decode)
         self.prefixes = PrefixRegistry(model, self.spec, self.device, self.dtype, self.max_context - 1,
                                        self.config.max_resident_prefixes)
+        #: why joiners are not packed (None: they are); checked once, on this model
+        self.packing_refused: str | None = ("prefill='grouped'" if self.config.prefill == "grouped"
+                                            else self._packing_check())
+        if self.packing_refused is not None and self.config.prefill == "packed":
+            logger.info("engine: prefill not packed: %s", self.packing_refused)
         self.scheduler = Scheduler(self.config.max_batch_size, self.config.max_waiting,
-                                   1 if self.window is not None else self.config.max_prefill_batch)
+                                   1 if self.window is not None and self.packing_refused is not None
+                                   else self.config.max_prefill_batch)
         self._shared = RunningBatch()  # every row that may share a batch
         self._solo: list[RunningBatch] = []  # one batch per seeded row
         # every key exists from the start, so that stats() can copy the dict while the loop counts
@@ -336,11 +360,16 @@ class Engine:
         them to their batches."""
         shared = [s for s in joiners if not s.solo]
         groups = [[s] for s in joiners if s.solo]
-        groups += [[s] for s in shared] if self.window is not None else self._length_groups(shared)
+        packed = self.packing_refused is None and packing_refused_now(self.model) is None  # not while attached
+        if packed:
+            groups += [shared] if shared else []
+        else:
+            groups += [[s] for s in shared] if self.window is not None else self._length_groups(shared)
         for group in groups:
             solo = group[0].solo
             target = RunningBatch() if solo else self._shared
-            self._guarded(group, lambda g=group, t=target: self._prefill_group(g, t))
+            run = self._prefill_packed if packed and len(group) > 1 else self._prefill_group
+            self._guarded(group, lambda g=group, t=target, f=run: f(g, t))
             if solo and len(target):
                 self._solo.append(target)
 
@@ -375,6 +404,76 @@ class Engine:
         self._count("prompt_tokens", sum(len(s.gen.prompt_ids) for s in group))
         batch.join(group, cache, mask)
         self._sample(group, logits)
+
+    def _prefill_packed(self, group: list[Sequence], batch: RunningBatch) -> None:
+        """Prefill ``group`` as one packed row (``core/cache.py``): ids (1, sum of prompt lengths), each
+        distinct prefix once in the row's past, positions P_r + index per request; then one row each."""
+        logits, cache, mask = self._packed_forward([s.kv for s in group], [s.gen.prompt_ids for s in group])
+        self._count("prompt_tokens", sum(len(s.gen.prompt_ids) for s in group))
+        batch.join(group, cache, mask)
+        self._sample(group, logits)
+
+    def _packed_forward(self, kvs: list[torch.Tensor | None], prompts: list[Seq[int]]
+                        ) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """Packed prefill of R requests (prefix K/V (P_r, layers, 2, kv_heads, head_dim) or None, prompt).
+        Returns the last-token logits (R, V) float32 and the rows' cache and (R, L) mask."""
+        starts: dict[int, int] = {}
+        distinct: list[torch.Tensor] = []
+        past = 0
+        for kv in kvs:
+            if kv is not None and kv.shape[0] and id(kv) not in starts:
+                starts[id(kv)], past = past, past + kv.shape[0]
+                distinct.append(kv)
+        segments, positions, start = [], [], 0
+        for kv, prompt in zip(kvs, prompts, strict=True):
+            p = 0 if kv is None else kv.shape[0]
+            segments.append(Segment(starts.get(id(kv), 0), p, start, len(prompt)))
+            positions.append(torch.arange(p, p + len(prompt)))
+            start += len(prompt)
+        cache, _ = cache_from_prefixes([torch.cat(distinct) if distinct else None], self.device, self.dtype)
+        ids = torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long, device=self.device)[None]
+        last = torch.tensor([s.start + s.length - 1 for s in segments], device=self.device)
+        with packed_attention(self.model, segments):
+            out = self.model(input_ids=ids, position_ids=torch.cat(positions).to(self.device)[None],
+                             past_key_values=cache, use_cache=True, logits_to_keep=last)
+        logits = out.logits[0].float()
+        if logits.shape[0] != len(segments):
+            raise ValueError(f"{type(self.model).__name__} gave {tuple(out.logits.shape)} logits for "
+                             f"logits_to_keep of {len(segments)} positions")
+        rows, mask = unpack_rows(cache, segments, self.config.kv_cache)
+        return logits, rows, mask
+
+    def _packing_check(self) -> str | None:
+        """None if a packed prefill gives this model's logits and cache (two requests, one with a
+        prefix, against each alone); otherwise the reason packing is not used."""
+        refused = packing_refused_now(self.model)
+        if refused is not None:
+            return refused
+        g = torch.Generator().manual_seed(0)
+        kv = torch.randn(3, *self.prefixes.position_shape, generator=g).to(self.device, self.dtype)
+        prompts = [[3 + i % (self.spec.vocab_size - 3) for i in range(5)], [4, 3, 5, 4]]
+        kvs = [kv, None]
+        try:
+            with torch.no_grad():
+                logits, cache, mask = self._packed_forward(kvs, prompts)
+                for r, (k, prompt) in enumerate(zip(kvs, prompts, strict=True)):
+                    alone, prefix_mask = cache_from_prefixes([k], self.device, self.dtype)
+                    ids = torch.tensor([prompt], device=self.device)
+                    full = torch.cat([prefix_mask, torch.ones_like(ids)], dim=1)
+                    positions = (full.cumsum(-1) - 1)[:, -len(prompt):]
+                    want = self._forward(ids, full, positions, alone)[0]
+                    tol = (1e-4 if self.dtype == torch.float32 else 3e-2) * (1 + want.abs().max().item())
+                    if not torch.allclose(logits[r], want, rtol=0, atol=tol):
+                        return (f"packed logits differ from the request alone by "
+                                f"{(logits[r] - want).abs().max().item():.3g}")
+                    n = alone.get_seq_length()  # its real columns (prefix and prompt), at the right of its row
+                    for mine, ref in zip(cache.layers, alone.layers, strict=True):
+                        for got, exp in ((mine.keys[r, :, -n:], ref.keys[0]), (mine.values[r, :, -n:], ref.values[0])):
+                            if not torch.allclose(got, exp, rtol=0, atol=tol):
+                                return f"packed K/V differ from the request alone by {(got - exp).abs().max():.3g}"
+        except Exception as exc:  # a model that cannot run packed: the reason, and the grouped prefill
+            return f"packed forward failed: {type(exc).__name__}: {exc}"
+        return None
 
     def _decode(self, batch: RunningBatch) -> None:
         """Feed every row of ``batch`` its pending token: one (B, 1) forward over its cache."""
