@@ -82,6 +82,7 @@ class RunSpec:
     train_split: str = "train"  # DART: "dev" (the shared data has no DART train split)
     beams: int = 1  # test decoding; dev decoding is greedy
     max_length: int = 256
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         if self.system not in SYSTEMS:
@@ -112,7 +113,8 @@ class RunSpec:
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, max_steps=self.max_steps, batch_size=self.batch_size, lr=self.lr,
                            warmup_steps=self.warmup_steps, seed=self.seed, eval_every=None, log_every=5,
-                           checkpoint_every=20 if self.system != "finetune" else 10_000)
+                           checkpoint_every=20 if self.system != "finetune" else 10_000,
+                           group_by_length=self.group_by_length)
 
     def data_spec(self) -> DataSpec:
         dev_split = None if self.train_split == "dev" else "dev"  # the dev loss never reads training data
@@ -120,7 +122,7 @@ class RunSpec:
                         dev_limit=100, max_length=self.max_length)
 
 
-LATER_DEFAULTS = {"data": "e2e", "train_split": "train", "beams": 1, "max_length": 256}
+LATER_DEFAULTS = {"data": "e2e", "train_split": "train", "beams": 1, "max_length": 256, "group_by_length": False}
 
 
 def _right_pad(batch, pad_id):

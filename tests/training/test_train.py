@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -15,7 +16,15 @@ from tiny_models import char_tokenizer, tiny
 
 from prefixtune import PrefixConfig, attach
 from prefixtune.tasks.encoding import EncodedExample
-from prefixtune.training.loop import LOG_NAME, STATE_NAME, NonFiniteLossError, TrainConfig, fit
+from prefixtune.training.loop import (
+    LENGTH_GROUP_BATCHES,
+    LOG_NAME,
+    STATE_NAME,
+    NonFiniteLossError,
+    TrainConfig,
+    _batches_of_epoch,
+    fit,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -58,9 +67,11 @@ def test_fit_lowers_loss_logs_and_keeps_the_best(tmp_path):
     assert len(list(tmp_path.glob("state-*.safetensors"))) == 1
 
 
-def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path, group_by_length):
+    cfg = dataclasses.replace(CFG, group_by_length=group_by_length)
     ref = _model()
-    fit(ref, _examples(), tmp_path / "a", CFG, pad_id=0, dev=_examples(4), progress=False)
+    fit(ref, _examples(), tmp_path / "a", cfg, pad_id=0, dev=_examples(4), progress=False)
 
     class Stop(Exception):
         pass
@@ -71,10 +82,10 @@ def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path):
 
     pm = _model()
     with pytest.raises(Stop):
-        fit(pm, _examples(), tmp_path / "b", CFG, pad_id=0, dev=_examples(4), progress=False, on_step=stop_at_4)
+        fit(pm, _examples(), tmp_path / "b", cfg, pad_id=0, dev=_examples(4), progress=False, on_step=stop_at_4)
     resumed = _model(seed=123)  # a fresh process would start from other random values
-    state = fit(resumed, _examples(), tmp_path / "b", CFG, pad_id=0, dev=_examples(4), resume=True, progress=False)
-    assert state.step == CFG.total_steps(12)
+    state = fit(resumed, _examples(), tmp_path / "b", cfg, pad_id=0, dev=_examples(4), resume=True, progress=False)
+    assert state.step == cfg.total_steps(12)
     for k, v in _final(ref).items():
         assert torch.equal(_final(resumed)[k], v), k
     log_b = [json.loads(x) for x in (tmp_path / "b" / LOG_NAME).read_text().splitlines()]
@@ -171,3 +182,24 @@ def test_train_config_names_bad_fields():
 def test_char_tokenizer_decodes_what_it_encodes():
     tok = char_tokenizer()
     assert tok.decode(tok("ab c")["input_ids"]) == "ab c"
+
+
+def test_group_by_length_batches_cover_each_example_once_and_cut_padding():
+    g = torch.Generator().manual_seed(3)
+    n, batch = 1000, 8
+    lengths = torch.randint(5, 300, (n,), generator=g).tolist()
+    grouped = _batches_of_epoch(n, batch, seed=1, epoch=0, lengths=lengths)
+    plain = _batches_of_epoch(n, batch, seed=1, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(n))
+    assert grouped == _batches_of_epoch(n, batch, seed=1, epoch=0, lengths=lengths)  # seeded: resume sees the same
+    assert grouped != _batches_of_epoch(n, batch, seed=1, epoch=1, lengths=lengths)
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    # within one chunk of LENGTH_GROUP_BATCHES batches the lengths are sorted, so a batch spans little of the range
+    chunk = set(i for b in plain[:LENGTH_GROUP_BATCHES] for i in b)
+    in_chunk = [b for b in grouped if set(b) <= chunk]
+    assert len(in_chunk) == LENGTH_GROUP_BATCHES
+    assert padded_tokens(grouped) < 0.7 * padded_tokens(plain)
+    assert sum(lengths) / padded_tokens(grouped) > 0.9

@@ -30,6 +30,9 @@ class TrainConfig:
         early_stopping: stop after this many dev evaluations without improvement ('none': never).
         log_every: a log line every N steps.
         checkpoint_every: write the resume state every N steps (and at every evaluation).
+        group_by_length: batches of examples of similar length (fewer pad tokens, as transformers' Trainer
+            ``group_by_length``): each epoch's shuffle is cut into chunks of ``LENGTH_GROUP_BATCHES`` batches,
+            each chunk sorted by length, and the batches shuffled again.
     """
 
     epochs: float = 3.0
@@ -47,6 +50,7 @@ class TrainConfig:
     early_stopping: int | None = None
     log_every: int = 10
     checkpoint_every: int = 20
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         checks = {

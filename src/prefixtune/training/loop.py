@@ -42,10 +42,23 @@ STATE_NAME = FILES.state
 LOG_NAME = FILES.log
 
 
-def _batches_of_epoch(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+LENGTH_GROUP_BATCHES = 50  # batches per chunk that ``group_by_length`` sorts by length
+
+
+def _batches_of_epoch(n: int, batch_size: int, seed: int, epoch: int,
+                      lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Example indices of each batch of one epoch: a seeded shuffle cut into batches. With ``lengths`` (one
+    per example; `TrainConfig.group_by_length`), each chunk of ``LENGTH_GROUP_BATCHES`` batches is sorted by
+    length (longest first) before it is cut, and the batches are shuffled again; the same seed and epoch
+    always give the same batches, so a resumed run sees what an uninterrupted one would."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    chunk = batch_size * LENGTH_GROUP_BATCHES
+    order = [i for c in range(0, n, chunk) for i in sorted(order[c : c + chunk], key=lambda i: -lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -203,8 +216,9 @@ class TrainingLoop:
         micro = []
         for epoch, index in _accumulation_window(self.state.micro_step, self.per_epoch, self.config.grad_accum):
             if epoch not in self._epoch_batches:
+                lengths = [len(ex.input_ids) for ex in self.train] if self.config.group_by_length else None
                 self._epoch_batches = {epoch: _batches_of_epoch(len(self.train), self.global_batch,
-                                                                self.config.seed, epoch)}
+                                                                self.config.seed, epoch, lengths)}
             idx = self._epoch_batches[epoch][index]
             share = [idx[i] for i in distributed.shard_range(len(idx))]
             # a rank without a share of a short last batch reruns its first example with weight 0,
