@@ -2,13 +2,22 @@
 
     python benchmarks/serve_decode.py [--model smollm2-135m|tiny] [--batch 8] [--contexts 32 2048]
                                       [--new-tokens 16] [--rounds 1] [--threads 1] [--device cpu|cuda]
+                                      [--context-as-prefix]
 
 For each context length C: --batch prompts of C - --new-tokens random tokens, exactly --new-tokens
 greedy tokens each (EOS ignored), run four ways interleaved round by round: the engine with its
-"dynamic" cache (transformers' DynamicCache, the default) and with "preallocated", and ``generate``
-with its default cache and with ``cache_implementation="static"``. Printed: tokens/s (prefill included)
-and engine / best ``generate`` (target >= 1.0 on the CPU, >= 10 on a GPU), with the outputs checked
-equal. The same script runs on a GPU with ``--device cuda`` (bfloat16 there).
+"preallocated" cache (the default: new columns written in place) and with "dynamic" (transformers'
+DynamicCache, a copy of the cache per step), and ``generate`` with its default cache and with
+``cache_implementation="static"``. Printed, as medians over rounds: end-to-end tokens/s (prefill
+included), decode-only tokens/s (batch / the median time of a decode step, from each step's
+timestamp: the engine's ``step()`` calls, ``generate``'s logits-processor calls), and engine /
+best ``generate`` for both (target >= 1.0 on the CPU, >= 10 on a GPU), with the outputs checked equal.
+
+--context-as-prefix measures decode alone at context C without computing a prefill of C tokens (which
+takes minutes on a busy CPU): the context is a random prefix K/V of C - 1 positions (the engine's
+registered prefix; ``generate`` gets the same K/V as its ``past_key_values``) and each prompt is one
+token; the static-cache ``generate`` is not run then. The same script runs on a GPU with
+``--device cuda`` (bfloat16 there).
 """
 
 from __future__ import annotations
@@ -19,9 +28,25 @@ import time
 
 import torch
 from bench_common import load_model, parser, set_threads
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from prefixtune.core.kv import layer_kv
 from prefixtune.serving.engine import Engine, EngineConfig
 from prefixtune.serving.sampling import SamplingParams
+
+
+class _Clock(LogitsProcessor):
+    """Records the time of each of ``generate``'s steps (called once per new token)."""
+
+    def __init__(self, sync: bool) -> None:
+        self.times: list[float] = []
+        self.sync = sync
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def main() -> None:
@@ -31,60 +56,98 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--context-as-prefix", action="store_true",
+                    help="the context as a random prefix K/V (no prefill of C tokens): decode alone")
     a = ap.parse_args()
     set_threads(a.threads)
-    model = load_model(a.model, min_positions=max(a.contexts) + 1)
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    model = load_model(a.model, min_positions=max(a.contexts) + a.new_tokens + 1)
+    cuda = a.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
     model = model.to(a.device, dtype).requires_grad_(False).eval()
+    cfg = model.config
     g = torch.Generator().manual_seed(a.seed)
-    vocab = model.config.vocab_size
     params = SamplingParams(max_new_tokens=a.new_tokens, ignore_eos=True)
     results = {}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     for context in a.contexts:
-        prompts = torch.randint(3, vocab, (a.batch, context - a.new_tokens), generator=g)
+        if a.context_as_prefix:
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv = torch.randn(context - 1, cfg.num_hidden_layers, 2, cfg.num_key_value_heads, head_dim,
+                             generator=g).to(a.device, dtype) * 0.5
+            prompts = torch.randint(3, cfg.vocab_size, (a.batch, 1), generator=g)
+        else:
+            kv = None
+            prompts = torch.randint(3, cfg.vocab_size, (a.batch, context - a.new_tokens), generator=g)
         total = a.batch * a.new_tokens
         outputs: dict[str, list[list[int]]] = {}
 
-        def engine_run(layout: str, prompts: torch.Tensor = prompts, context: int = context) -> list[list[int]]:
+        def engine_run(layout: str, prompts: torch.Tensor = prompts, kv: torch.Tensor | None = kv
+                       ) -> tuple[list[list[int]], list[float]]:
             engine = Engine(model, EngineConfig(max_batch_size=a.batch, max_prefill_batch=a.batch, kv_cache=layout,
-                                                max_context=context + 1))
-            return engine.generate(prompts.tolist(), params)
+                                                max_context=context + a.new_tokens + 1))
+            if kv is not None:
+                engine.add_prefix("context", kv)
+            gens = [engine.submit(p, params, None if kv is None else "context") for p in prompts.tolist()]
+            stamps = [time.perf_counter()]
+            while engine.step():
+                sync()
+                stamps.append(time.perf_counter())
+            return [gen.tokens for gen in gens], stamps
 
-        def hf_run(cache: str | None, prompts: torch.Tensor = prompts) -> list[list[int]]:
+        def hf_run(cache: str | None, prompts: torch.Tensor = prompts, kv: torch.Tensor | None = kv
+                   ) -> tuple[list[list[int]], list[float]]:
             ids = prompts.to(a.device)
-            kwargs = {"cache_implementation": cache} if cache else {}
+            kwargs: dict = {"cache_implementation": cache} if cache else {}
+            if kv is not None:  # the context as generate's past: the same K/V as the engine's prefix
+                past = DynamicCache()
+                for layer in range(cfg.num_hidden_layers):
+                    k, v = layer_kv(kv[None].expand(a.batch, *kv.shape), layer)
+                    past.update(k.contiguous(), v.contiguous(), layer)
+                ids = torch.cat([torch.zeros(a.batch, kv.shape[0], dtype=torch.long, device=a.device), ids], 1)
+                kwargs["past_key_values"] = past
+            clock = _Clock(cuda)
+            stamps = [time.perf_counter()]
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
-                                 min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, **kwargs)
-            return out[:, ids.shape[1]:].tolist()
+                                 min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0,
+                                 logits_processor=LogitsProcessorList([clock]), **kwargs)
+            sync()
+            return out[:, ids.shape[1]:].tolist(), stamps + clock.times
 
         variants = {"engine preallocated": lambda: engine_run("preallocated"),
                     "engine dynamic": lambda: engine_run("dynamic"),
-                    "generate default": lambda: hf_run(None), "generate static": lambda: hf_run("static")}
+                    "generate default": lambda: hf_run(None)}
+        if not a.context_as_prefix:
+            variants["generate static"] = lambda: hf_run("static")
         rates: dict[str, list[float]] = {v: [] for v in variants}
+        decode: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(a.rounds):
             for v in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-                if a.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                outputs[v] = variants[v]()
-                if a.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                rates[v].append(total / (time.perf_counter() - start))
-            print(f"context {context} round {r + 1}: " + ", ".join(f"{v} {x[-1]:.1f} tok/s" for v, x in rates.items()),
-                  flush=True)
+                sync()
+                outputs[v], stamps = variants[v]()
+                rates[v].append(total / (stamps[-1] - stamps[0]))
+                steps = [b - x for x, b in zip(stamps[2:], stamps[3:])]  # after the prefill's step and the next
+                decode[v].append(a.batch / statistics.median(steps) if steps else float("nan"))
+            print(f"context {context} round {r + 1}: " + ", ".join(
+                f"{v} {rates[v][-1]:.1f} tok/s ({decode[v][-1]:.1f} decode)" for v in variants), flush=True)
         med = {v: statistics.median(x) for v, x in rates.items()}
-        best = max(med["generate default"], med["generate static"])
-        same = outputs["engine preallocated"] == outputs["generate default"] == outputs["engine dynamic"]
+        dec = {v: statistics.median(x) for v, x in decode.items()}
+        hf = [v for v in variants if v.startswith("generate")]
+        best, best_dec = max(med[v] for v in hf), max(dec[v] for v in hf)
+        same = all(outputs[v] == outputs["generate default"] for v in variants)
         results[f"context {context}"] = {
-            "tokens_per_s_median": {v: round(x, 1) for v, x in med.items()},
-            "engine preallocated / best generate": round(med["engine preallocated"] / best, 3),
-            "engine dynamic / best generate": round(med["engine dynamic"] / best, 3),
-            "engine preallocated / engine dynamic": round(med["engine preallocated"] / med["engine dynamic"], 3),
+            "tokens_per_s_median (end to end)": {v: round(x, 1) for v, x in med.items()},
+            "decode_tokens_per_s_median": {v: round(x, 1) for v, x in dec.items()},
+            **{f"{v} / best generate, end to end": round(med[v] / best, 3) for v in variants if v.startswith("engine")},
+            **{f"{v} / best generate, decode": round(dec[v] / best_dec, 3) for v in variants if v.startswith("engine")},
             "engine tokens == generate tokens (greedy)": same,
         }
     print(json.dumps({"setup": {"model": a.model, "batch": a.batch, "new_tokens": a.new_tokens, "rounds": a.rounds,
-                                "threads": torch.get_num_threads(), "device": a.device, "dtype": str(dtype)},
-                      **results}, indent=2))
+                                "threads": torch.get_num_threads(), "device": a.device, "dtype": str(dtype),
+                                "context_as_prefix": a.context_as_prefix}, **results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -82,13 +82,13 @@ def test_mixed_batch_equals_each_request_alone(name, seed):
     model, prefixes, work, expected = _prefixes_and_references(name, seed)
     for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16),  # packed: all 9 in one row
                    EngineConfig(max_batch_size=3, max_prefill_batch=2),  # packed, continuous joins
-                   EngineConfig(max_batch_size=16, max_prefill_batch=16, kv_cache="preallocated"),
-                   EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="preallocated"),
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, kv_cache="dynamic"),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="dynamic"),
                    EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill="grouped"),
                    EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill="grouped",
                                 max_prefill_padding=1e9),  # one padded group
                    EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped"),
-                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="preallocated")):
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="dynamic")):
         engine = _engine(model, prefixes, config)
         assert (engine.packing_refused is None) == (config.prefill == "packed"), engine.packing_refused
         got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
@@ -281,7 +281,7 @@ def test_cache_surgery_pads_on_the_left_merges_and_keeps_rows():
     assert cache_length(merged) == 6 and merged.layers[0].keys.shape == (4, 2, 6, 4)
     assert torch.equal(merged.layers[1].keys[0, :, 4:], a[:, 1, 0].transpose(0, 1))  # two more zero columns
     assert not merged.layers[1].keys[0, :, :4].any()
-    keep_cache_rows(merged, torch.tensor([2, 3]), drop_left=2)
+    assert keep_cache_rows(merged, [2, 3], drop_left=2) == [2, 3]
     assert merged.layers[2].keys.shape == (2, 2, 4, 4)
     assert torch.equal(merged.layers[1].values[0], b[:, 1, 1].transpose(0, 1))
     empty, none_mask = cache_from_prefixes([None, None], torch.device("cpu"), torch.float32)
@@ -318,7 +318,10 @@ def test_prefill_packs_or_groups_prompts_so_padding_stays_within_the_bound():
     assert sum(b * t for b, t in prefill) <= 1.05 * sum(lengths)
 
 
-def test_preallocated_cache_writes_new_tokens_in_place_and_holds_what_a_dynamic_cache_holds():
+def test_preallocated_cache_writes_in_place_and_holds_what_a_dynamic_cache_holds():
+    """Decode steps, a join of longer rows, leaving rows and dropped padding columns: the preallocated
+    cache holds exactly the dynamic cache's real columns (rows in the order it reports), and a decode
+    step, a leave and a drop of columns copy nothing but the moved rows."""
     from transformers import DynamicCache
 
     from prefixtune.core.cache import PreallocatedCache, keep_cache_rows, merge_caches
@@ -333,12 +336,28 @@ def test_preallocated_cache_writes_new_tokens_in_place_and_holds_what_a_dynamic_
     layer = pre.layers[0]
     assert torch.equal(layer.keys, dynamic.layers[0].keys) and torch.equal(layer.values, dynamic.layers[0].values)
     pointer = layer.keys.data_ptr()
-    pre.update(torch.randn(3, 2, 1, 4, generator=g), torch.zeros(3, 2, 1, 4), 0)
-    assert layer.keys.data_ptr() == pointer and layer.keys.shape == (3, 2, 9, 4)  # no copy of the cache
-    keep_cache_rows(pre, torch.tensor([0, 2]), drop_left=1)
-    assert isinstance(pre.layers[0], type(layer)) and pre.layers[0].keys.shape == (2, 2, 8, 4)
-    merged = merge_caches(pre, pre)
-    assert isinstance(merged, PreallocatedCache) and merged.layers[0].keys.shape == (4, 2, 8, 4)
+    step = torch.randn(3, 2, 1, 4, generator=g)
+    for cache in caches:
+        cache.update(step, -step, 0)
+    assert layer.keys.data_ptr() == pointer and layer.keys.shape == (3, 2, 9, 4)  # written in place
+    joiner = torch.randn(2, 2, 12, 4, generator=g)  # longer than the batch: the window grows to the left
+    other = [DynamicCache(), PreallocatedCache()]
+    for cache in other:
+        cache.update(joiner, -joiner, 0)
+    dynamic, pre = merge_caches(dynamic, other[0]), merge_caches(pre, other[1])
+    assert pre.layers[0] is layer and dynamic.layers[0].keys.shape == layer.keys.shape == (5, 2, 12, 4)
+    buffer = layer._key_buffer.data_ptr()
+    for rows in ([0, 2, 3, 4], [1, 2, 3]):  # a middle row leaves; then the first (the last row moves)
+        drop = 1 if rows[0] == 0 else 0
+        order = keep_cache_rows(pre, rows, drop_left=drop)
+        assert keep_cache_rows(dynamic, rows, drop_left=drop) == rows and sorted(order) == rows
+        index = [rows.index(i) for i in order]  # the dynamic rows in the preallocated order
+        assert torch.equal(layer.keys, dynamic.layers[0].keys[index])
+        assert torch.equal(layer.values, dynamic.layers[0].values[index])
+        dynamic.layers[0].keys = dynamic.layers[0].keys[index]  # follow the reorder, as RunningBatch does
+        dynamic.layers[0].values = dynamic.layers[0].values[index]
+    assert layer._key_buffer.data_ptr() == buffer  # leaving rows and dropped columns: no reallocation
+    assert isinstance(pre.layers[0], type(layer)) and layer.keys.shape == (3, 2, 11, 4)
 
 
 @pytest.mark.slow  # torch.compile's first call takes minutes of CPU

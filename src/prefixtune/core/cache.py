@@ -33,16 +33,29 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from prefixtune.core.kv import layer_kv
 
 #: The engine's cache layouts: "dynamic" is transformers' ``DynamicCache`` (every appended token
-#: concatenates, i.e. copies, the whole cache); "preallocated" keeps each layer in buffers with room to
-#: grow and writes a new token's column in place (the whole cache is copied only when its capacity
-#: doubles: amortized O(1) per token).
+#: concatenates, i.e. copies, the whole cache; a join or a leave copies it too); "preallocated" keeps each
+#: layer in buffers with room to grow in rows and columns: a decode step writes the new column in place, a
+#: joining request is written into free rows, a leaving one is replaced by the last row (only that row is
+#: copied), and columns left all padding are dropped by moving the window's start (no copy). The buffers
+#: are copied only when they must grow (capacity doubled: amortized O(1) per token).
 Layout = Literal["dynamic", "preallocated"]
 LAYOUTS: tuple[str, ...] = ("dynamic", "preallocated")
 
 
+def _room(n: int) -> int:
+    """Spare columns (or rows) kept when a buffer is (re)allocated for n: a quarter more, at least 64
+    columns; growth by a constant factor keeps the copies amortized O(1) per appended token."""
+    return max(n // 4, 64)
+
+
 class PreallocatedLayer(DynamicLayer):
-    """A cache layer whose ``keys`` / ``values`` (B, kv_heads, n, head_dim) are views of the first n
-    columns of buffers (B, kv_heads, capacity, head_dim); ``update`` writes the new columns in place."""
+    """A cache layer whose ``keys`` / ``values`` (B, kv_heads, n, head_dim) are views
+    ``buffer[:B, :, start:end]`` of buffers (rows ≥ B, kv_heads, capacity, head_dim);
+    ``update`` writes the new columns in place after ``end``."""
+
+    rows = start = end = 0
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,25 +63,44 @@ class PreallocatedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             self.assign(key_states, value_states)
             return self.keys, self.values
-        n, t = self.keys.shape[-2], key_states.shape[-2]
-        if n + t > self._key_buffer.shape[-2]:
-            self.assign(self.keys, self.values, room=n + t)
-        self._key_buffer[:, :, n:n + t].copy_(key_states)
-        self._value_buffer[:, :, n:n + t].copy_(value_states)
-        self.keys = self._key_buffer[:, :, :n + t]
-        self.values = self._value_buffer[:, :, :n + t]
+        if key_states.shape[0] != self.rows:
+            raise ValueError(f"cache update of {key_states.shape[0]} rows into a cache of {self.rows} rows")
+        t = key_states.shape[-2]
+        self.reserve(self.rows, 0, t)
+        self._key_buffer[:self.rows, :, self.end:self.end + t].copy_(key_states)
+        self._value_buffer[:self.rows, :, self.end:self.end + t].copy_(value_states)
+        self.end += t
+        self._view()
         return self.keys, self.values
 
-    def assign(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
-        """Hold ``keys`` / ``values`` (B, h, n, d) in fresh buffers of capacity max(2 · max(n, room), 64)."""
-        n = keys.shape[-2]
-        capacity = max(2 * max(n, room), 64)
-        shape = (*keys.shape[:-2], capacity, keys.shape[-1])
-        self._key_buffer = keys.new_zeros(shape)
-        self._value_buffer = values.new_zeros(shape)
-        self._key_buffer[:, :, :n].copy_(keys)
-        self._value_buffer[:, :, :n].copy_(values)
-        self.keys, self.values = self._key_buffer[:, :, :n], self._value_buffer[:, :, :n]
+    def _view(self) -> None:
+        self.keys = self._key_buffer[:self.rows, :, self.start:self.end]
+        self.values = self._value_buffer[:self.rows, :, self.start:self.end]
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``keys`` / ``values`` (B, h, n, d) in fresh buffers (B rows, n + spare columns)."""
+        self._realloc(keys, values, keys.shape[0], 0, _room(keys.shape[-2]))
+
+    def reserve(self, rows: int, left: int, right: int) -> None:
+        """Make room for ``rows`` rows, ``left`` columns before ``start`` and ``right`` after ``end``;
+        reallocates (with spare room) only if the buffers are too small."""
+        buf = self._key_buffer
+        if rows <= buf.shape[0] and left <= self.start and self.end + right <= buf.shape[-2]:
+            return
+        row_capacity = buf.shape[0] if rows <= buf.shape[0] else rows + rows // 2
+        self._realloc(self.keys, self.values, row_capacity, left, right + _room(self.end - self.start + left))
+
+    def _realloc(self, keys: torch.Tensor, values: torch.Tensor, row_capacity: int, left: int, right: int) -> None:
+        """New zeroed buffers (row_capacity, h, left + n + right, d) holding ``keys`` / ``values`` (B, h, n, d)
+        at rows [0, B), columns [left, left + n)."""
+        b, n = keys.shape[0], keys.shape[-2]
+        kb = keys.new_zeros(row_capacity, keys.shape[1], left + n + right, keys.shape[-1])
+        vb = values.new_zeros(row_capacity, values.shape[1], left + n + right, values.shape[-1])
+        kb[:b, :, left:left + n].copy_(keys)
+        vb[:b, :, left:left + n].copy_(values)
+        self._key_buffer, self._value_buffer = kb, vb
+        self.rows, self.start, self.end = b, left, left + n
+        self._view()
 
 
 class PreallocatedCache(DynamicCache):
@@ -83,13 +115,6 @@ def new_cache(layout: Layout) -> DynamicCache:
     if layout not in LAYOUTS:
         raise ValueError(f"cache layout must be one of {LAYOUTS}, got {layout!r}")
     return PreallocatedCache() if layout == "preallocated" else DynamicCache()
-
-
-def _assign(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
-    if isinstance(layer, PreallocatedLayer):
-        layer.assign(keys, values)
-    else:
-        layer.keys, layer.values = keys, values
 
 
 def layout_of(cache: DynamicCache) -> Layout:
@@ -134,15 +159,26 @@ def _layers(cache: DynamicCache) -> list[Any]:
 
 def merge_caches(a: DynamicCache, b: DynamicCache) -> DynamicCache:
     """Rows of ``a`` (B_a, ..., L_a, .) then rows of ``b`` (B_b, ..., L_b, .), both left-padded
-    with zeros to max(L_a, L_b) columns: (B_a + B_b, kv_heads, L, head_dim) per layer.
+    to max(L_a, L_b) columns: (B_a + B_b, kv_heads, L, head_dim) per layer.
 
-    The callers pad their (B, L) masks the same way. Returns a new cache; the inputs are not kept.
-    """
+    The callers pad their (B, L) masks the same way (padding columns are masked; a preallocated cache may
+    hold stale finite values there). A preallocated ``a`` takes ``b``'s rows in place and is returned;
+    a dynamic one is copied into a new cache."""
     la, lb = _layers(a), _layers(b)
     if len(la) != len(lb):
         raise ValueError(f"cannot merge caches with {len(la)} and {len(lb)} layers")
     length = max(cache_length(a), cache_length(b))
-    merged = new_cache(layout_of(a))
+    if isinstance(a, PreallocatedCache):
+        for x, y in zip(la, lb, strict=True):
+            rows, n = x.rows, y.keys.shape[-2]
+            x.reserve(rows + y.keys.shape[0], length - (x.end - x.start), 0)
+            x.start = x.end - length
+            x._key_buffer[rows:rows + y.keys.shape[0], :, x.end - n:x.end].copy_(y.keys)
+            x._value_buffer[rows:rows + y.keys.shape[0], :, x.end - n:x.end].copy_(y.values)
+            x.rows = rows + y.keys.shape[0]
+            x._view()
+        return a
+    merged = DynamicCache()
     for i, (x, y) in enumerate(zip(la, lb, strict=True)):
         keys = torch.cat([_left_pad(x.keys, length), _left_pad(y.keys, length)], dim=0)
         values = torch.cat([_left_pad(x.values, length), _left_pad(y.values, length)], dim=0)
@@ -156,11 +192,32 @@ def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return t if missing == 0 else torch.nn.functional.pad(t, (0, 0, missing, 0))
 
 
-def keep_cache_rows(cache: DynamicCache, rows: torch.Tensor, drop_left: int = 0) -> None:
-    """In place: keep only ``rows`` (K,) long of the batch and drop the first ``drop_left`` columns
-    (columns that are padding in every kept row): (B, h, L, d) → (K, h, L - drop_left, d)."""
+def keep_cache_rows(cache: DynamicCache, rows: list[int], drop_left: int = 0) -> list[int]:
+    """In place: keep only ``rows`` (increasing indices) of the batch and drop the first ``drop_left``
+    columns (padding in every kept row): (B, h, L, d) → (K, h, L - drop_left, d).
+
+    Returns the kept rows' old indices in their new order: ``rows`` for a dynamic cache (copied); a
+    preallocated cache moves the last kept rows into the places of the dropped ones (only those rows are
+    copied) and moves its window's start (no copy)."""
+    if isinstance(cache, PreallocatedCache):
+        k = len(rows)
+        order = list(range(k))
+        holes = [i for i in range(k) if i not in set(rows)]
+        movers = [r for r in rows if r >= k]
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        for layer in _layers(cache):
+            for buf in (layer._key_buffer, layer._value_buffer):
+                for hole, mover in zip(holes, movers, strict=True):
+                    buf[hole, :, layer.start:layer.end].copy_(buf[mover, :, layer.start:layer.end])
+            layer.rows, layer.start = k, layer.start + drop_left
+            layer._view()
+        return order
+    index = torch.tensor(rows, dtype=torch.long, device=_layers(cache)[0].keys.device)
     for layer in _layers(cache):
-        _assign(layer, layer.keys[rows, :, drop_left:].contiguous(), layer.values[rows, :, drop_left:].contiguous())
+        layer.keys = layer.keys[index, :, drop_left:].contiguous()
+        layer.values = layer.values[index, :, drop_left:].contiguous()
+    return list(rows)
 
 
 # ---------------------------------------------------------------------------------------------- packing

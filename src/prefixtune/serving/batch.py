@@ -76,12 +76,11 @@ class RunningBatch:
         if not keep:
             self.clear()
             return
-        self.rows = [self.rows[i] for i in keep]
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask[index]
+        mask = self.mask[keep]
         drop = int((mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns that are padding everywhere
-        self.mask = mask[:, drop:]
-        keep_cache_rows(self.cache, index, drop)
+        order = keep_cache_rows(self.cache, keep, drop)  # the cache may reorder the kept rows
+        self.rows = [self.rows[i] for i in order]
+        self.mask = self.mask[order, drop:]
 
     def clear(self) -> list[Sequence]:
         """Empty the batch; returns the rows it held."""

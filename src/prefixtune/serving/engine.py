@@ -99,10 +99,11 @@ class EngineConfig:
             to its longest prompt, with at most this much padding per real prompt token (0.05: a prefill
             costs at most 5 percent more than the sum of its prompts' lengths); a larger value joins more
             requests per forward.
-        kv_cache: the cache layout (``core/cache.py``): "dynamic" is transformers' ``DynamicCache`` (a
-            copy of the cache per step); "preallocated" writes each new token's K/V in place. Both give the
-            same tokens; on the CPU "preallocated" measured slower (0.86x at 2,048 positions,
-            ``benchmarks/serve_decode.py``: attention over strided views), hence the default.
+        kv_cache: the cache layout (``core/cache.py``): "preallocated" writes each new token's K/V in
+            place, joining rows into free rows and leaving ones by moving the last row into their place;
+            "dynamic" is transformers' ``DynamicCache`` (a copy of the whole cache per step, per join and
+            per leave). Both give the same tokens; at long contexts the per-step copy is as costly as the
+            attention itself (``benchmarks/serve_decode.py``), hence the default.
         compile_decode: "off", or a ``torch.compile`` mode ("default", "reduce-overhead" for CUDA
             graphs on a GPU, "max-autotune") for the decode step's forward, compiled with dynamic
             shapes (batch size and cache length change from step to step) on its first use.
@@ -115,7 +116,7 @@ class EngineConfig:
     max_resident_prefixes: int | None = None
     max_prefill_padding: float = 0.05
     prefill: PrefillMode = "packed"
-    kv_cache: Layout = "dynamic"
+    kv_cache: Layout = "preallocated"
     compile_decode: CompileMode = "off"
 
     def __post_init__(self) -> None:
