@@ -1,7 +1,8 @@
 """Prefill without padding waste: joining prompts of mixed lengths against the same total at equal lengths.
 
     python benchmarks/serve_prefill.py [--model smollm2-135m|tiny] [--prompts 16] [--min-len 16] [--max-len 512]
-                                       [--rounds 2] [--threads 1]
+                                       [--rounds 2] [--threads 1] [--engines packed grouped padded]
+                                       [--ttft-long 0]
 
 --prompts random prompts of --min-len..--max-len tokens join an idle engine at once ("mixed"), and as
 many prompts of their mean length ("equal", the same total within --prompts tokens); each request
@@ -9,7 +10,10 @@ asks for one token, so a step is its prefill. Three engines: "packed" (the defau
 packed row), "grouped" (``prefill="grouped"``: groups of similar length, ``max_prefill_padding`` 0.05)
 and "padded" (one group left-padded to the longest prompt, the engine before issue #15). Printed: real
 prompt tokens/s, and packed mixed / the best equal-length figure of any engine (target >= 0.95),
-measured round by round in this run (rounds alternate their order against drift).
+measured round by round in this run (rounds alternate their order against drift). With --ttft-long N:
+the time until --prompts short prompts all have their first token, alone and when they join in the
+same step as one N-token prompt (packed into the same forward: without chunked prefill, a short
+request waits for the long prompt's prefill).
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ttft-long", type=int, default=0,
+                    help="also: time to first token of --prompts short prompts (--min-len) joining with one "
+                         "prompt of this many tokens, against the short ones alone (0: not measured)")
     ap.add_argument("--engines", nargs="+", default=["packed", "grouped", "padded"],
                     choices=["packed", "grouped", "padded"], help="which engines to run (packed is always run)")
     a = ap.parse_args()
     set_threads(a.threads)
-    model = load_model(a.model, min_positions=a.max_len + 2)
+    model = load_model(a.model, min_positions=max(a.max_len, a.ttft_long) + 2)
     g = torch.Generator().manual_seed(a.seed)
     vocab = model.config.vocab_size
     lengths = torch.randint(a.min_len, a.max_len + 1, (a.prompts,), generator=g).tolist()
@@ -68,6 +75,17 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{e}/{k} {v[-1]:.0f} tok/s" for (e, k), v in rates.items()), flush=True)
     med = {key: statistics.median(v) for key, v in rates.items()}
     best_equal = max(v for (_, k), v in med.items() if k == "equal")
+    ttft = {}
+    if a.ttft_long:
+        short = [torch.randint(3, vocab, (a.min_len,), generator=g).tolist() for _ in range(a.prompts)]
+        long = torch.randint(3, vocab, (a.ttft_long,), generator=g).tolist()
+        for label, prompts in (("short alone", short), ("short with a long prompt", [long, *short])):
+            engine = Engine(model, engines["packed"])
+            start = time.perf_counter()
+            gens = [engine.submit(p, params) for p in prompts]
+            while not all(gen.done for gen in gens[-len(short):]):
+                engine.step()
+            ttft[label] = round(time.perf_counter() - start, 3)  # every short request has its first token
     print(json.dumps({
         "setup": {"model": a.model, "prompts": a.prompts, "lengths": f"{a.min_len}-{a.max_len}",
                   "mixed_total": sum(lengths), "longest": max(lengths), "equal_length": mean, "rounds": a.rounds,
@@ -77,6 +95,8 @@ def main() -> None:
         **{f"{e}: mixed / equal": round(med[(e, "mixed")] / med[(e, "equal")], 3) for e in engines},
         **({"packed mixed / padded mixed (gain)": round(med[("packed", "mixed")] / med[("padded", "mixed")], 2)}
            if "padded" in engines else {}),
+        **({f"time to first token of {a.prompts} x {a.min_len}-token prompts (s), packed; long prompt "
+            f"{a.ttft_long} tokens": ttft} if ttft else {}),
     }, indent=2))
 
 

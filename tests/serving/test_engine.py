@@ -76,11 +76,16 @@ def _engine(model, prefixes, config: EngineConfig | None = None) -> Engine:
 
 
 @pytest.mark.parametrize(("name", "seed"), [("llama", 0), ("llama", 1), ("llama", 2), ("qwen3", 0), ("gpt2", 0)])
-def test_mixed_batch_equals_each_request_alone(name, seed):
+def test_mixed_batch_equals_each_request_alone(name, seed, monkeypatch):
     """Prefill of everything (packed in one row, in length groups, or one left-padded group), then continuous
-    batching (3 rows, joining 2 at a time), over both cache layouts."""
+    batching (3 rows, joining 2 at a time), over both cache layouts; packed rows through both attentions
+    (one block-diagonal mask for short rows, the per-request loop for long ones)."""
+    import prefixtune.core.cache as cache_module
+
     model, prefixes, work, expected = _prefixes_and_references(name, seed)
-    for config in (EngineConfig(max_batch_size=16, max_prefill_batch=16),  # packed: all 9 in one row
+    loop = [EngineConfig(max_batch_size=16, max_prefill_batch=16), EngineConfig(max_batch_size=3, max_prefill_batch=2)]
+    for i, config in enumerate((*loop,  # run first with the per-request loop, then with the dense mask
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16),  # packed: all 9 in one row
                    EngineConfig(max_batch_size=3, max_prefill_batch=2),  # packed, continuous joins
                    EngineConfig(max_batch_size=16, max_prefill_batch=16, kv_cache="dynamic"),
                    EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="dynamic"),
@@ -88,7 +93,8 @@ def test_mixed_batch_equals_each_request_alone(name, seed):
                    EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill="grouped",
                                 max_prefill_padding=1e9),  # one padded group
                    EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped"),
-                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="dynamic")):
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="dynamic"))):
+        monkeypatch.setattr(cache_module, "DENSE_PACKED_TOKENS", 0 if i < len(loop) else 256)
         engine = _engine(model, prefixes, config)
         assert (engine.packing_refused is None) == (config.prefill == "packed"), engine.packing_refused
         got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],

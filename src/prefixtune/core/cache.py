@@ -246,6 +246,8 @@ def _packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
     segments: list[Segment] | None = getattr(_packing, "segments", None)
     if segments is None:
         raise RuntimeError(f"attention implementation {PACKED_ATTENTION!r} used outside packed_attention()")
+    if _packing.dense is not None:  # a short row: one call with the block-diagonal mask costs less than a loop
+        return sdpa_attention_forward(module, query, key, value, _packing.dense, **kwargs)
     t = query.shape[2]
     past = key.shape[2] - t
     out = query.new_empty(query.shape[0], t, query.shape[1], value.shape[-1])
@@ -289,6 +291,27 @@ def packing_refused_now(model: nn.Module) -> str | None:
     return None if impls == {"sdpa"} else f"attention implementation {sorted(impls)}, not 'sdpa'"
 
 
+#: A packed row of at most this many tokens runs its attention as one call over the whole row with a
+#: block-diagonal mask (the per-request loop's fixed cost per call dominates short rows).
+DENSE_PACKED_TOKENS = 256
+
+
+def _dense_mask(segments: list[Segment], device: torch.device) -> torch.Tensor | None:
+    """(1, 1, T, past + T) bool for a row of at most ``DENSE_PACKED_TOKENS`` tokens: each token sees its
+    request's prefix columns and its request's earlier tokens. None for longer rows (the loop)."""
+    t = sum(s.length for s in segments)
+    if t > DENSE_PACKED_TOKENS:
+        return None
+    past = max((s.prefix_start + s.prefix_length for s in segments), default=0)
+    mask = torch.zeros(t, past + t, dtype=torch.bool, device=device)
+    for s in segments:
+        rows = slice(s.start, s.start + s.length)
+        mask[rows, s.prefix_start:s.prefix_start + s.prefix_length] = True
+        mask[rows, past + s.start:past + s.start + s.length] = torch.ones(s.length, s.length, dtype=torch.bool,
+                                                                          device=device).tril()
+    return mask[None, None]
+
+
 @contextmanager
 def packed_attention(model: nn.Module, segments: list[Segment]) -> Iterator[None]:
     """While the block runs, ``model``'s attention treats its (1, T) input as the packed ``segments``
@@ -300,6 +323,7 @@ def packed_attention(model: nn.Module, segments: list[Segment]) -> Iterator[None
     configs = _attention_configs(model)
     device = next(model.parameters()).device
     _packing.segments, _packing.masks = segments, [_segment_mask(s, device) for s in segments]
+    _packing.dense = _dense_mask(segments, device)
     for cfg in configs:
         cfg._attn_implementation_internal = PACKED_ATTENTION
     try:
@@ -307,7 +331,7 @@ def packed_attention(model: nn.Module, segments: list[Segment]) -> Iterator[None
     finally:
         for cfg in configs:
             cfg._attn_implementation_internal = "sdpa"
-        _packing.segments = _packing.masks = None
+        _packing.segments = _packing.masks = _packing.dense = None
 
 
 def unpack_rows(packed: DynamicCache, segments: list[Segment], layout: Layout = "dynamic"
