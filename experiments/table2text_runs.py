@@ -16,7 +16,8 @@ Evaluation sets (``test_limit`` / ``dev_limit`` sources, each with all its refer
   - E2E: the first N MRs of the split (as every earlier E2E table);
   - WebNLG test: N/2 sources of seen categories and N/2 of unseen ones, each a seeded (0) shuffle, scored
     apart ("seen", "unseen") and together ("all"); WebNLG dev and DART: N sources, a seeded (0) shuffle.
-The test set is decoded with ``beams`` (the paper: 5); the dev set, used only to choose settings, greedily.
+The test set is decoded with ``beams`` (the paper: 5; ``early_stopping``: a source is done once its beam holds
+``beams`` finished outputs); the dev set, used only to choose settings, greedily.
 """
 
 from __future__ import annotations
@@ -180,9 +181,10 @@ def score_sets(spec: RunSpec, sets: dict[str, EvalSet], predictions: dict[str, l
 def _decode_and_score(model: Any, tokenizer: Any, spec: RunSpec, split: str, limit: int) -> dict[str, Any]:
     sets = eval_sets(spec, split, limit)
     beams = spec.beams if split == "test" else 1
+    search = {"early_stopping": True} if beams > 1 else {}  # a beam ends once it holds `beams` finished outputs
     predictions = {name: generate_texts(model, tokenizer, sources, spec.data_spec().format,
                                         batch_size=20 if beams == 1 else 8, num_beams=beams,
-                                        max_new_tokens=spec.max_new_tokens, progress=False)
+                                        max_new_tokens=spec.max_new_tokens, progress=False, **search)
                    for name, (sources, _) in sets.items()}
     scores = score_sets(spec, sets, predictions)
     return {"metrics": scores["all"], "subsets": scores, "predictions": predictions,
