@@ -1,5 +1,5 @@
 """Table-to-text generation as a `Task`: records from ``readers``, token ids from ``encoding``, outputs from
-``decode``, E2E or sacrebleu metrics (METEOR where Java runs) from ``metrics``."""
+``decode``, the E2E, WebNLG 2017 / DART or sacrebleu metrics (METEOR where Java runs) from ``metrics``."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from prefixtune.errors import ConfigError
 from prefixtune.io.hub import load_causal_lm
 from prefixtune.tasks.decode import generate_texts
 from prefixtune.tasks.encoding import EncodedExample, Format, collate, encode_all
-from prefixtune.tasks.metrics import e2e_metrics, generation_metrics, with_optional_meteor
+from prefixtune.tasks.metrics import WEBNLG_DATA, e2e_metrics, generation_metrics, webnlg_metrics, with_optional_meteor
 from prefixtune.tasks.readers import Example, group_references, load_examples, shuffled_subset
 from prefixtune.tasks.task import DecodeConfig
 
-E2E_LIKE = ("e2e",)  # data sets scored with the E2E challenge's five metrics; the others get BLEU / TER / METEOR
+E2E_LIKE = ("e2e",)  # data sets scored with the E2E challenge's five metrics
+# webnlg / dart (WEBNLG_DATA): the WebNLG 2017 challenge's BLEU / METEOR / TER; other data: sacrebleu's
 ON_TOO_LONG = ("error", "truncate", "skip")
 
 
@@ -150,14 +151,21 @@ class GenerationTask:
                               num_beams=decode.beams, max_new_tokens=decode.max_new_tokens, progress=progress)
 
     def score(self, predictions: Sequence[str], references: Sequence[list[str]]) -> dict[str, float | None]:
-        """E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr (official-script style); others: BLEU, TER, METEOR.
+        """E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr (official-script style); WebNLG / DART: BLEU (0-100),
+        METEOR and TER (0-1) as the WebNLG 2017 challenge's scripts compute them; others: sacrebleu BLEU,
+        TER (0-100) and METEOR.
 
-        Where METEOR cannot run (no Java), both leave it out the same way: ``"METEOR": null`` and a note.
+        Where METEOR cannot run (no Java), all leave it out the same way: ``"METEOR": null`` and a note.
         """
         preds, refs = list(predictions), [list(r) for r in references]
         if self.spec.data in E2E_LIKE:
             return with_optional_meteor(
                 lambda scorer: e2e_metrics(preds, refs, include_meteor=scorer is not None, meteor_scorer=scorer))
+        if self.spec.data in WEBNLG_DATA:
+            dart = self.spec.data == "dart"
+            return with_optional_meteor(lambda scorer: webnlg_metrics(
+                preds, refs, data="dart" if dart else "webnlg", include_meteor=scorer is not None,
+                meteor_scorer=scorer))
         return with_optional_meteor(
             lambda scorer: generation_metrics(preds, refs, include_meteor=scorer is not None, meteor_scorer=scorer))
 

@@ -18,11 +18,18 @@ needs Java: after punctuation removal its tokens equal the Java tokenizer's on
 56,728 of the 56,730 E2E train/dev/test references and check sentences (and on
 6,968 of the 6,980 DART dev references).
 
-`bleu`, `ter` and `meteor` are plain multi-reference corpus metrics for
-WebNLG and DART (sacrebleu defaults; METEOR 1.5 on the raw strings).
+`webnlg_metrics` computes BLEU, METEOR and TER for WebNLG 2017 and DART the way
+the challenge's scripts do (as the DART repository runs them, which Li & Liang
+used): ``multi-bleu.perl`` over three reference files, METEOR 1.5 ``-l en -norm``
+and tercom 0.7.25, on text split at non-word characters and lower-cased (see
+``webnlg``'s docstring for every step reproduced).
+
+`bleu`, `ter` and `meteor` are plain multi-reference corpus metrics (sacrebleu
+defaults; METEOR 1.5 on the raw strings), for data without an official script.
 
 Modules: ``references`` (predictions / reference files), ``mteval`` (BLEU, NIST), ``ptb`` (tokenizer),
-``java_meteor`` (METEOR 1.5 in Java), ``e2e`` (the E2E suite), ``sacre`` (sacrebleu BLEU / TER + METEOR),
+``java_meteor`` (METEOR 1.5 in Java), ``e2e`` (the E2E suite), ``webnlg`` (the WebNLG 2017 / DART suite),
+``sacre`` (sacrebleu BLEU / TER + METEOR),
 ``classification`` (accuracy, macro F1, MCC).
 """
 
@@ -34,10 +41,12 @@ from prefixtune.tasks.metrics.mteval import mteval_bleu, mteval_nist, mteval_tok
 from prefixtune.tasks.metrics.ptb import COCO_PUNCTUATION, ptb_tokenize, ptb_tokenize_stream
 from prefixtune.tasks.metrics.references import read_predictions, read_reference_groups_csv, read_reference_groups_txt
 from prefixtune.tasks.metrics.sacre import bleu, generation_metrics, ter
+from prefixtune.tasks.metrics.webnlg import WEBNLG_DATA, multi_bleu, tercom_ter, webnlg_metrics
 
 __all__ = [
     "COCO_PUNCTUATION",
     "E2E_METRIC_NAMES",
+    "WEBNLG_DATA",
     "MeteorScorer",
     "MeteorUnavailableError",
     "bleu",
@@ -49,11 +58,14 @@ __all__ = [
     "mteval_bleu",
     "mteval_nist",
     "mteval_tokenize",
+    "multi_bleu",
     "ptb_tokenize",
     "ptb_tokenize_stream",
     "read_predictions",
     "read_reference_groups_csv",
     "read_reference_groups_txt",
     "ter",
+    "tercom_ter",
+    "webnlg_metrics",
     "with_optional_meteor",
 ]

@@ -1,4 +1,5 @@
-"""Plain multi-reference corpus metrics for WebNLG and DART: sacrebleu BLEU and TER (its defaults), and METEOR."""
+"""Plain multi-reference corpus metrics for data without an official script: sacrebleu BLEU and TER (its
+defaults), and METEOR. WebNLG 2017 and DART are scored with their challenge's metrics in ``webnlg``."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def generation_metrics(
     include_meteor: bool = True,
     meteor_scorer: MeteorScorer | None = None,
 ) -> dict[str, float]:
-    """WebNLG / DART metrics: sacrebleu ``BLEU`` and ``TER`` (0-100), and ``METEOR`` (0-1, raw strings).
+    """sacrebleu ``BLEU`` and ``TER`` (0-100), and ``METEOR`` (0-1, raw strings).
 
     METEOR needs Java, as in `e2e_metrics`: `MeteorUnavailableError` where it cannot run; pass
     ``include_meteor=False`` to leave it out, or a running `MeteorScorer` to reuse one.
