@@ -22,6 +22,7 @@ token; the static-cache ``generate`` is not run then. The same script runs on a 
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -85,8 +86,8 @@ def main() -> None:
         total = a.batch * a.new_tokens
         outputs: dict[str, list[list[int]]] = {}
 
-        def engine_run(layout: str, prompts: torch.Tensor = prompts, kv: torch.Tensor | None = kv
-                       ) -> tuple[list[list[int]], list[float]]:
+        def engine_run(layout: str, prompts: torch.Tensor = prompts, kv: torch.Tensor | None = kv,
+                       context: int = context) -> tuple[list[list[int]], list[float]]:
             engine = Engine(model, EngineConfig(max_batch_size=a.batch, max_prefill_batch=a.batch, kv_cache=layout,
                                                 max_context=context + a.new_tokens + 1))
             if kv is not None:
@@ -129,7 +130,7 @@ def main() -> None:
                 sync()
                 outputs[v], stamps = variants[v]()
                 rates[v].append(total / (stamps[-1] - stamps[0]))
-                steps = [b - x for x, b in zip(stamps[2:], stamps[3:])]  # after the prefill's step and the next
+                steps = [b - x for x, b in itertools.pairwise(stamps[2:])]  # after the prefill's step and the next
                 decode[v].append(a.batch / statistics.median(steps) if steps else float("nan"))
             print(f"context {context} round {r + 1}: " + ", ".join(
                 f"{v} {rates[v][-1]:.1f} tok/s ({decode[v][-1]:.1f} decode)" for v in variants), flush=True)

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from table2text import LABELS, LRS, PAPER, SYSTEMS, mean_std
+from table2text import LABELS, LRS, PAPER, SYSTEMS, mean_std, plan
 
 from prefixtune.files import atomic_write_text
 
@@ -37,11 +37,23 @@ def paired(rows: list[dict[str, Any]], data: str, subset: str, a: str, b: str) -
     return [(ra[s][key] - rb[s][key]) * scale for s in sorted(set(ra) & set(rb))]
 
 
+MIN_SEEDS = 3  # fewer paired seeds give no verdict, only the direction they lean
+
+
+def _too_few(diffs: list[float], claim_sign: int) -> str:
+    if not diffs:
+        return "not run yet"
+    mean = statistics.mean(diffs)
+    spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+    lean = "" if claim_sign == 0 else ("; leans for" if mean * claim_sign > 0 else "; leans against")
+    return f"cannot tell with {len(diffs)} seed(s) ({mean:+.1f}{spread} BLEU{lean})"
+
+
 def verdict(diffs: list[float], claim_sign: int) -> str:
     """``holds`` when every seed's paired difference has the claimed sign and their mean exceeds their std;
     ``does not hold`` when the same is true of the opposite sign; else ``cannot tell with these seeds``."""
-    if len(diffs) < 2:
-        return "cannot tell yet (fewer than 2 seeds)"
+    if len(diffs) < MIN_SEEDS:
+        return _too_few(diffs, claim_sign)
     mean, std = statistics.mean(diffs), statistics.stdev(diffs)
     for sign, word in ((claim_sign, "holds"), (-claim_sign, "does not hold")):
         if all(d * sign > 0 for d in diffs) and abs(mean) > std:
@@ -52,8 +64,8 @@ def verdict(diffs: list[float], claim_sign: int) -> str:
 def tie_verdict(diffs: list[float], margin: float = 1.0) -> str:
     """For "a and b are within ``margin`` BLEU": ``holds`` when |mean| + std of the paired differences is within
     the margin, ``does not hold`` when every seed has the same sign and |mean| - std exceeds it."""
-    if len(diffs) < 2:
-        return "cannot tell yet (fewer than 2 seeds)"
+    if len(diffs) < MIN_SEEDS:
+        return _too_few(diffs, 0)
     mean, std = statistics.mean(diffs), statistics.stdev(diffs)
     summary = f"{mean:+.1f} ± {std:.1f} BLEU over {len(diffs)} seeds"
     if abs(mean) + std <= margin:
@@ -82,18 +94,31 @@ def _main_table(rows: list[dict[str, Any]]) -> list[str]:
 def _detail_table(rows: list[dict[str, Any]], data: str, subsets: list[str]) -> list[str]:
     metrics = METRICS[data]
     head = [f"{s} {m}" if len(subsets) > 1 else m for s in subsets for m in metrics]
+    if not any(_runs(rows, data, system) for system in SYSTEMS):
+        return ["Not run yet (see the status below)."]
     lines = ["| system | lr | " + " | ".join(head) + " | trainable params |",
              "|---|---:|" + "---:|" * len(head) + "---:|"]
     for system in SYSTEMS:
         runs = _runs(rows, data, system)
         if not runs:
             continue
-        cells = [mean_std(_values(runs, s, m, data), 1 if m in ("BLEU", "TER") else 3) for s in subsets
+        cells = [mean_std(_values(runs, s, m, data), 1 if m in ("BLEU", "NIST") else 3) for s in subsets
                  for m in metrics]
         first = next(iter(runs.values()))
         lines.append(f"| {LABELS[system]} | {first['lr']:g} | " + " | ".join(cells)
                      + f" | {first['trainable_parameters']:,} |")
     return lines
+
+
+def _status(rows: list[dict[str, Any]]) -> str:
+    done = {r["key"] for r in rows}
+    missing = [spec for spec in plan() if spec.key not in done]
+    if not missing:
+        return f"All {len(done)} planned runs are finished."
+    left = sorted({f"{spec.data} {spec.system}" for spec in missing})
+    return (f"{len(done)} of {len(done) + len(missing)} planned runs are finished (a run here takes 25-30 minutes "
+            f"of a core: 15 of training, 10-12 of beam-5 decoding). Not yet run, in the plan's order of priority: "
+            f"{', '.join(left)}; the first command above resumes the grid where it stopped.")
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -171,7 +196,8 @@ def write_report(rows: list[dict[str, Any]], doc: Path) -> None:
         "",
         "## Verdicts",
         "",
-        "A claim **holds** when every seed's paired difference (same seed = same training subset) has the "
+        f"With at least {MIN_SEEDS} seeds, a claim **holds** when every seed's paired difference (same seed = "
+        "same training subset) has the "
         "claimed sign and their mean exceeds their standard deviation; **does not hold** when that is true of "
         "the opposite sign; otherwise it **cannot be told** with these seeds. \"Within a point\" holds when the "
         "mean paired difference plus its standard deviation is at most 1 BLEU.",
@@ -189,6 +215,10 @@ def write_report(rows: list[dict[str, Any]], doc: Path) -> None:
         "## E2E (first 100 test MRs, beam 5)",
         "",
         *_detail_table(rows, "e2e", ["all"]),
+        "",
+        "## Status of the grid",
+        "",
+        _status(rows),
         "",
     ]
     atomic_write_text(doc, "\n".join(out))

@@ -156,8 +156,7 @@ def _metrics(spec: RunSpec, predictions: list[str], references: list[list[str]],
     kw = {"include_meteor": scorer is not None, "meteor_scorer": scorer}
     if spec.data == "e2e":
         return metrics.e2e_metrics(predictions, references, **kw)
-    table = getattr(metrics, "webnlg_metrics", metrics.generation_metrics)  # TODO(lead): webnlg_metrics only
-    return table(predictions, references, **kw)
+    return metrics.webnlg_metrics(predictions, references, data=spec.data, **kw)
 
 
 def score_sets(spec: RunSpec, sets: dict[str, EvalSet], predictions: dict[str, list[str]]) -> dict[str, dict]:

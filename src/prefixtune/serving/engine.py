@@ -57,8 +57,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from prefixtune.core.cache import (LAYOUTS, Layout, Segment, cache_from_prefixes, packed_attention, packing_refused_now,
-                                   unpack_rows)
+from prefixtune.core.cache import (
+    LAYOUTS,
+    Layout,
+    Segment,
+    cache_from_prefixes,
+    packed_attention,
+    packing_refused_now,
+    unpack_rows,
+)
 from prefixtune.core.model import PrefixModel
 from prefixtune.core.spec import read_spec
 from prefixtune.errors import QueueFullError, UnknownPrefixError
@@ -456,7 +463,7 @@ class Engine:
         kvs = [kv, None]
         try:
             with torch.no_grad():
-                logits, cache, mask = self._packed_forward(kvs, prompts)
+                logits, cache, _ = self._packed_forward(kvs, prompts)
                 for r, (k, prompt) in enumerate(zip(kvs, prompts, strict=True)):
                     alone, prefix_mask = cache_from_prefixes([k], self.device, self.dtype)
                     ids = torch.tensor([prompt], device=self.device)
