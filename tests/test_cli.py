@@ -6,8 +6,7 @@ import dataclasses
 import json
 
 import pytest
-import torch
-from tiny_models import save_tiny_model_dir
+from tiny_models import save_tiny_bert_dir, save_tiny_model_dir
 
 from prefixtune.cli import build_parser, flag_of, main, train_settings
 from prefixtune.core.config import PrefixConfig
@@ -86,28 +85,8 @@ def test_bad_data_is_reported_with_file_line_and_field(tiny_dir, tmp_path, capsy
     assert not (tmp_path / "run" / "trainer_state.json").exists()
 
 
-def _tiny_bert_dir(path):
-    """A tiny BERT and a WordPiece tokenizer with [CLS]/[SEP] and segment ids, saved as a model folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "great", "awful", "film", "plot", "a", "the"]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer()
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64)).save_pretrained(path)
-    return str(path)
-
-
 def test_classify_train_then_eval_reproduces_the_dev_accuracy(tmp_path, capsys):
-    model_dir = _tiny_bert_dir(tmp_path)
+    model_dir = save_tiny_bert_dir(tmp_path)
     rows = [("a good film", "pos"), ("a great plot", "pos"), ("the awful film", "neg"), ("a bad plot", "neg")] * 4
     data = tmp_path / "toy.tsv"
     data.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))

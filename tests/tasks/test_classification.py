@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import save_tiny_bert_dir
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from prefixtune.core.config import PrefixConfig
@@ -39,25 +40,6 @@ def _tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
     return BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2,
                                                     num_attention_heads=2, intermediate_size=32, num_labels=2))
-
-
-def _tiny_bert_dir(path) -> str:
-    """A tiny BERT encoder and a WordPiece tokenizer with [CLS]/[SEP], saved as a model folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "great", "awful", "film", "plot", "a", "the"]
-    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer()
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(path)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64)).save_pretrained(path)
-    return str(path)
 
 
 def _trained_modules(task: ClassificationTask) -> set[str]:
@@ -158,7 +140,7 @@ def test_mean_pooling_head_saves_and_loads_with_the_prefix_to_identical_logits(t
 
 
 def test_a_run_with_the_mean_head_records_it_and_loads_back_to_the_same_logits(tmp_path, one_thread):
-    model_dir = _tiny_bert_dir(tmp_path / "model")
+    model_dir = save_tiny_bert_dir(tmp_path / "model")
     data = tmp_path / "toy.tsv"
     rows = [("a good film", "pos"), ("a great plot", "pos"), ("the awful film", "neg"), ("a bad plot", "neg")] * 2
     data.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))

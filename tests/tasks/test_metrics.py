@@ -4,7 +4,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,16 +40,6 @@ def _official_scores() -> dict[str, dict]:
         pytest.skip(f"E2E metric check data not found at {CHECKS} (set PREFIXTUNE_DATA to the data folder)")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return {row["system"]: row for row in rows}
-
-
-@pytest.fixture(scope="module")
-def meteor_scorer() -> Iterator[MeteorScorer | None]:
-    """One METEOR process for the whole module (it takes ~10 s to load); None without Java."""
-    if JAVA is None:
-        yield None
-        return
-    with MeteorScorer() as scorer:
-        yield scorer
 
 
 @pytest.fixture(scope="module")

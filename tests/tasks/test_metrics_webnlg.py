@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,16 +91,6 @@ def fixed_system(data: str, system: str) -> tuple[list[str], list[list[str]]]:
         return [("" if i % 50 == 7 else _template(src)) for i, (src, _) in enumerate(entries)], [g for _, g in entries]
     predictions = [group[-1] if len(group) >= 2 else _template(src) for src, group in entries]
     return predictions, [group[:-1] if len(group) >= 2 else group for _, group in entries]
-
-
-@pytest.fixture(scope="module")
-def meteor_scorer() -> Iterator[MeteorScorer | None]:
-    """One METEOR process for the whole module; None without Java."""
-    if JAVA is None:
-        yield None
-        return
-    with MeteorScorer() as scorer:
-        yield scorer
 
 
 def test_fixed_systems_have_the_official_entry_counts() -> None:
