@@ -162,10 +162,8 @@ class GenerationTask:
             return with_optional_meteor(
                 lambda scorer: e2e_metrics(preds, refs, include_meteor=scorer is not None, meteor_scorer=scorer))
         if self.spec.data in WEBNLG_DATA:
-            dart = self.spec.data == "dart"
             return with_optional_meteor(lambda scorer: webnlg_metrics(
-                preds, refs, data="dart" if dart else "webnlg", include_meteor=scorer is not None,
-                meteor_scorer=scorer))
+                preds, refs, data=self.spec.data, include_meteor=scorer is not None, meteor_scorer=scorer))
         return with_optional_meteor(
             lambda scorer: generation_metrics(preds, refs, include_meteor=scorer is not None, meteor_scorer=scorer))
 
