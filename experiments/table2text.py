@@ -122,10 +122,12 @@ def work(root: Path) -> None:
 # ----------------------------------------------------------------------------------------------- report
 
 def mean_std(values: list[float], digits: int = 1) -> str:
+    """``mean ± std``, with the seed count where it is short of ``SEEDS``."""
     if not values:
         return "–"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+    cell = f"{statistics.mean(values):.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+    return cell + (f" ({len(values)} seed{'s' if len(values) > 1 else ''})" if len(values) < len(SEEDS) else "")
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
