@@ -146,6 +146,16 @@ def test_serve_and_eval_flags_show_the_engine_server_and_decode_defaults(capsys)
         assert f"{flag_of(cls, name)} {name.upper()} " in text and f"(default: {default})" in text, (command, name)
 
 
+def test_a_help_text_whose_continuation_line_has_a_colon_is_read_whole():
+    """``prefill``'s docstring continues with '... where it does not: in groups ...' (once cut there)."""
+    from prefixtune.cli import field_help
+
+    helps = field_help(EngineConfig)
+    assert helps["prefill"].endswith("as ``max_prefill_padding`` describes.")
+    assert helps["prefill_chunk"].endswith("None: every prompt in one forward.")
+    assert "where it does not" not in helps and "go on decoding" not in helps
+
+
 def test_config_yaml_reads_the_same_dataclasses_and_flags_override_it(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("task: generate\nmodel: my-model\nout: runs/a\n"

@@ -58,7 +58,7 @@ def field_help(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     names: list[str] = []
     for line in doc.split("Attributes:", 1)[1].splitlines():
-        match = re.match(r"^    ([\w /]+):\s*(.*)$", line)
+        match = re.match(r"^    (\w[\w /]*):\s*(.*)$", line)
         if match:
             names = [n.strip() for n in match.group(1).split("/")]
             for n in names:
