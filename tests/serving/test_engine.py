@@ -93,7 +93,10 @@ def test_mixed_batch_equals_each_request_alone(name, seed, monkeypatch):
                    EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill="grouped",
                                 max_prefill_padding=1e9),  # one padded group
                    EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped"),
-                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="dynamic"))):
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="dynamic"),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill_chunk=3),  # chunked prompts
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill_chunk=2, kv_cache="dynamic"),
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill_chunk=4, prefill="grouped"))):
         monkeypatch.setattr(cache_module, "DENSE_PACKED_TOKENS", 0 if i < len(loop) else 256)
         engine = _engine(model, prefixes, config)
         assert (engine.packing_refused is None) == (config.prefill == "packed"), engine.packing_refused
@@ -121,6 +124,39 @@ def test_requests_joining_mid_flight_and_alone_agree(layout, prefill):
     assert all(g.finish_reason in ("length", "stop") for g in gens)
     for (prompt, prefix, new), want in zip(work, expected, strict=True):  # and each alone in the engine
         assert engine.generate([prompt], SamplingParams(max_new_tokens=new), [prefix]) == [want]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(monkeypatch):
+    """prefill_chunk=4: a 19-token prompt takes 5 steps of at most 4 tokens each; the running row gets a
+    token at every one of them; both give their tokens alone; a chunked request cancelled midway leaves."""
+    model, prefixes, _, _ = _prefixes_and_references("llama", 4)
+    g = torch.Generator().manual_seed(7)
+    short, long = torch.randint(3, VOCAB, (3,), generator=g).tolist(), torch.randint(3, VOCAB, (19,), generator=g).tolist()
+    unchunked = _engine(model, prefixes, EngineConfig(prefill_chunk=None))
+    want_short, want_long = unchunked.generate([short, long], [SamplingParams(max_new_tokens=12, ignore_eos=True),
+                                                               SamplingParams(max_new_tokens=4, ignore_eos=True)],
+                                               ["mid", "long"])
+    engine = _engine(model, prefixes, EngineConfig(prefill_chunk=4))
+    widths: list[int] = []
+    forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda ids, *a, **k: widths.append(ids.shape[1]) or forward(ids, *a, **k))
+    a = engine.submit(short, SamplingParams(max_new_tokens=12, ignore_eos=True), "mid")
+    engine.step()
+    b = engine.submit(long, SamplingParams(max_new_tokens=4, ignore_eos=True), "long")
+    for step in range(5):  # chunks of 4, 4, 4, 4, 3
+        assert not b.tokens and len(a.tokens) == 2 + step
+        engine.step()
+    assert len(b.tokens) == 2 and len(a.tokens) == 7  # b's first token after its last chunk, then a decode
+    while engine.step():
+        pass
+    assert (a.tokens, b.tokens) == (want_short, want_long)
+    assert max(widths) == 4 and engine.stats().counters["prompt_tokens"] == len(short) + len(long)
+    c = engine.submit(long, SamplingParams(max_new_tokens=4), "short")
+    engine.step()
+    c.cancel()
+    assert not engine.step() and c.finish_reason == "cancelled" and not engine._chunked
+    with pytest.raises(ValueError, match="prefill_chunk must be None or an integer >= 1"):
+        EngineConfig(prefill_chunk=0)
 
 
 def test_prefixes_loaded_from_saved_folders_match_load_generate(tmp_path):

@@ -86,7 +86,8 @@ def serve(model: str, prefixes: str | Path | None, host: str = "127.0.0.1", port
           max_batch_size: int = _ENGINE.max_batch_size, max_waiting: int = _ENGINE.max_waiting,
           max_tokens: int = _SERVER.max_tokens, max_resident_prefixes: int | None = _ENGINE.max_resident_prefixes,
           max_prefill_padding: float = _ENGINE.max_prefill_padding, kv_cache: Layout = _ENGINE.kv_cache,
-          compile_decode: CompileMode = _ENGINE.compile_decode, prefill: PrefillMode = _ENGINE.prefill) -> None:
+          compile_decode: CompileMode = _ENGINE.compile_decode, prefill: PrefillMode = _ENGINE.prefill,
+          prefill_chunk: int | None = _ENGINE.prefill_chunk) -> None:
     """Load ``model`` (a name or local folder), register the prefixes in ``prefixes``, serve until stopped.
 
     The keyword settings are ``EngineConfig`` / ``ServerConfig`` fields of the same names."""
@@ -98,7 +99,8 @@ def serve(model: str, prefixes: str | Path | None, host: str = "127.0.0.1", port
     engine = Engine(base, EngineConfig(max_batch_size=max_batch_size, max_waiting=max_waiting,
                                        max_resident_prefixes=max_resident_prefixes,
                                        max_prefill_padding=max_prefill_padding, kv_cache=kv_cache,
-                                       compile_decode=compile_decode, prefill=prefill))
+                                       compile_decode=compile_decode, prefill=prefill,
+                                       prefill_chunk=prefill_chunk))
     name = re.sub(r"[^A-Za-z0-9._-]", "-", Path(model).name)[:64] or "base"
     prefix_dir = Path(prefixes) if prefixes is not None else None
     if prefix_dir is not None and not prefix_dir.is_dir():

@@ -31,6 +31,33 @@ class Sequence:
     pending: int = -1  # sampled but not yet in the cache
 
 
+@dataclass(slots=True, eq=False)
+class ChunkedPrefill:
+    """A request whose prompt is prefilled over several steps (``EngineConfig.prefill_chunk``): its own
+    one-row cache and (1, L) mask (all ones: its prefix, then the prompt tokens prefilled so far)."""
+
+    seq: Sequence
+    cache: object
+    mask: torch.Tensor
+    done: int = 0  # prompt tokens already in the cache
+
+    @property
+    def remaining(self) -> int:
+        return len(self.seq.gen.prompt_ids) - self.done
+
+    def chunk_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids (1, n), positions (1, n), mask (1, L + n)) for the next ``n`` prompt tokens."""
+        device = self.mask.device
+        ids = torch.tensor([self.seq.gen.prompt_ids[self.done:self.done + n]], dtype=torch.long, device=device)
+        start = self.mask.shape[1]  # every column is real: the positions continue from them
+        positions = torch.arange(start, start + n, device=device)[None]
+        return ids, positions, torch.cat([self.mask, self.mask.new_ones(1, n)], dim=1)
+
+    def prefilled(self, mask: torch.Tensor, n: int) -> None:
+        """The forward appended ``n`` prompt tokens to the cache; the mask follows."""
+        self.mask, self.done = mask, self.done + n
+
+
 class RunningBatch:
     """Rows decoding together; owns their cache ((B, kv_heads, L, head_dim) per layer) and mask (B, L)."""
 

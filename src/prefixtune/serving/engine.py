@@ -22,6 +22,10 @@ attention (through the attention interface) and take explicit position ids, as R
 absolute positions do. Elsewhere (eager-only models, position biases built from the attention mask, a
 model whose packed logits differ from its own), and with ``prefill="grouped"``, joiners are prefilled in
 groups of similar length, left-padded (``max_prefill_padding``), their prefixes right-aligned.
+A prompt longer than ``prefill_chunk`` tokens is prefilled in chunks over several steps, in a one-row
+cache of its own, and joins its batch when its prompt is complete: the rows already running get a token
+at every step meanwhile (chunked prefill, as vLLM and Sarathi do), so one long prompt never stalls them
+for its whole prefill.
 
 What is promised. Greedy rows give exactly the tokens of ``PrefixModel.generate`` alone (the tests
 check it over continuous joins, cancellations and mixed prefix lengths). A request with a ``seed`` is
@@ -69,7 +73,7 @@ from prefixtune.core.cache import (
 from prefixtune.core.model import PrefixModel
 from prefixtune.core.spec import read_spec
 from prefixtune.errors import QueueFullError, UnknownPrefixError
-from prefixtune.serving.batch import RunningBatch, Sequence
+from prefixtune.serving.batch import ChunkedPrefill, RunningBatch, Sequence
 from prefixtune.serving.generation import EventCallback, FinishReason, Generation
 from prefixtune.serving.registry import PrefixRegistry
 from prefixtune.serving.sampling import SamplingParams, make_generator, sample_row
@@ -102,6 +106,11 @@ class EngineConfig:
         prefill: "packed": the joiners of a step (seeded ones aside) are prefilled as one packed row, where
             the model passes the packing check (``Engine.packing_refused``); "grouped", or where it does
             not: in groups of similar prompt length, as ``max_prefill_padding`` describes.
+        prefill_chunk: a prompt longer than this many tokens is prefilled in chunks of at most this many
+            tokens, one step's budget of chunks at a time (oldest request first), while the running rows
+            go on decoding: a long prompt delays their next token by one chunk's prefill, not by its whole
+            prefill, and short prompts that join meanwhile are prefilled at once. None: every prompt in
+            one forward.
         max_prefill_padding: without packing, joiners are prefilled in groups of similar prompt length, each left-padded
             to its longest prompt, with at most this much padding per real prompt token (0.05: a prefill
             costs at most 5 percent more than the sum of its prompts' lengths); a larger value joins more
@@ -123,6 +132,7 @@ class EngineConfig:
     max_resident_prefixes: int | None = None
     max_prefill_padding: float = 0.05
     prefill: PrefillMode = "packed"
+    prefill_chunk: int | None = 512
     kv_cache: Layout = "preallocated"
     compile_decode: CompileMode = "off"
 
@@ -133,6 +143,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 2):
             raise ValueError(f"max_context must be None or an integer >= 2, got {self.max_context!r}")
+        if self.prefill_chunk is not None and (isinstance(self.prefill_chunk, bool)
+                                               or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {self.prefill_chunk!r}")
         if self.max_resident_prefixes is not None and (isinstance(self.max_resident_prefixes, bool) or not
                                                        isinstance(self.max_resident_prefixes, int)
                                                        or self.max_resident_prefixes < 1):
@@ -206,6 +219,7 @@ class Engine:
                                    else self.config.max_prefill_batch)
         self._shared = RunningBatch()  # every row that may share a batch
         self._solo: list[RunningBatch] = []  # one batch per seeded row
+        self._chunked: list[ChunkedPrefill] = []  # long prompts being prefilled, oldest first
         # every key exists from the start, so that stats() can copy the dict while the loop counts
         self._counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._count_lock = threading.Lock()
@@ -297,8 +311,8 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
     def step(self) -> bool:
-        """One round: drop cancelled requests, prefill the joiners, decode one token for every running
-        row, sample. Returns False when there was nothing to do. A failing forward finishes the rows of
+        """One round: drop cancelled requests, prefill the joiners and the next chunks of long prompts,
+        decode one token for every running row, sample. Returns False when there was nothing to do. A failing forward finishes the rows of
         its batch with reason "error" (logged), never the others'."""
         if self.model.training:  # dropout would make rows depend on the batch
             self.model.eval()
@@ -308,7 +322,9 @@ class Engine:
         joiners = self.scheduler.schedule()
         if joiners:
             self._prefill(joiners)
-            self._cleanup()  # a request may end on its first token
+        if self._chunked:
+            self._advance_chunks()
+        self._cleanup()  # a request may end on its first token
         for batch in self._batches():
             self._guarded(batch.rows, lambda b=batch: self._decode(b))
         self._cleanup()
@@ -332,6 +348,7 @@ class Engine:
             self._thread = None
         self._shared.clear()
         self._solo = []
+        self._chunked = []
         for seq in self.scheduler.drain():
             if not seq.gen.done:
                 seq.gen._finish("cancelled")
@@ -365,7 +382,13 @@ class Engine:
 
     def _prefill(self, joiners: list[Sequence]) -> None:
         """Prefill the joiners (seeded ones alone; one at a time on a sliding-window model) and add
-        them to their batches."""
+        them to their batches; prompts longer than ``prefill_chunk`` start a chunked prefill instead."""
+        chunk = self.config.prefill_chunk
+        for seq in joiners:
+            if chunk is not None and len(seq.gen.prompt_ids) > chunk:
+                cache, mask = cache_from_prefixes([seq.kv], self.device, self.dtype, self.config.kv_cache)
+                self._chunked.append(ChunkedPrefill(seq, cache, mask))  # its first chunk runs in this step
+        joiners = [s for s in joiners if chunk is None or len(s.gen.prompt_ids) <= chunk]
         shared = [s for s in joiners if not s.solo]
         groups = [[s] for s in joiners if s.solo]
         packed = self.packing_refused is None and packing_refused_now(self.model) is None  # not while attached
@@ -380,6 +403,32 @@ class Engine:
             self._guarded(group, lambda g=group, t=target, f=run: f(g, t))
             if solo and len(target):
                 self._solo.append(target)
+
+    def _advance_chunks(self) -> None:
+        """Prefill up to ``prefill_chunk`` tokens of the chunked prompts, oldest first; a request whose
+        prompt is complete samples its first token and joins its batch."""
+        budget = self.config.prefill_chunk or 0
+        for part in list(self._chunked):
+            if budget <= 0:
+                break
+            n = min(part.remaining, budget)
+            budget -= n
+            self._guarded([part.seq], lambda p=part, k=n: self._prefill_chunk(p, k))
+
+    def _prefill_chunk(self, part: ChunkedPrefill, n: int) -> None:
+        """One (1, n) forward of ``part``'s next prompt tokens over its own cache."""
+        ids, positions, mask = part.chunk_inputs(n)
+        logits = self._forward(ids, mask, positions, part.cache)
+        part.prefilled(mask, n)
+        self._count("prompt_tokens", n)
+        if part.remaining:
+            return
+        self._chunked.remove(part)
+        target = RunningBatch() if part.seq.solo else self._shared
+        target.join([part.seq], part.cache, part.mask)
+        if part.seq.solo:
+            self._solo.append(target)
+        self._sample([part.seq], logits)
 
     def _length_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
         """``seqs`` in groups of similar prompt length: shortest first, a group grows while its padding
@@ -537,6 +586,7 @@ class Engine:
         for batch in self._batches():
             batch.drop_finished()
         self._solo = [b for b in self._solo if len(b)]
+        self._chunked = [c for c in self._chunked if not c.seq.gen.done]
         self.scheduler.release()
 
     def _count(self, key: str, n: int = 1) -> None:
