@@ -131,7 +131,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(monkeypa
     token at every one of them; both give their tokens alone; a chunked request cancelled midway leaves."""
     model, prefixes, _, _ = _prefixes_and_references("llama", 4)
     g = torch.Generator().manual_seed(7)
-    short, long = torch.randint(3, VOCAB, (3,), generator=g).tolist(), torch.randint(3, VOCAB, (19,), generator=g).tolist()
+    short, long = (torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 19))
     unchunked = _engine(model, prefixes, EngineConfig(prefill_chunk=None))
     want_short, want_long = unchunked.generate([short, long], [SamplingParams(max_new_tokens=12, ignore_eos=True),
                                                                SamplingParams(max_new_tokens=4, ignore_eos=True)],

@@ -312,8 +312,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> bool:
         """One round: drop cancelled requests, prefill the joiners and the next chunks of long prompts,
-        decode one token for every running row, sample. Returns False when there was nothing to do. A failing forward finishes the rows of
-        its batch with reason "error" (logged), never the others'."""
+        decode one token for every running row, sample. Returns False when there was nothing to do.
+        A failing forward finishes the rows of its batch with reason "error" (logged), never the others'."""
         if self.model.training:  # dropout would make rows depend on the batch
             self.model.eval()
         for seq in self.scheduler.cancelled():
