@@ -12,6 +12,9 @@ DynamicCache, a copy of the cache per step), and ``generate`` with its default c
 included), decode-only tokens/s (batch / the median time of a decode step, from each step's
 timestamp: the engine's ``step()`` calls, ``generate``'s logits-processor calls), and engine /
 best ``generate`` for both (target >= 1.0 on the CPU, >= 10 on a GPU), with the outputs checked equal.
+Also the decode step's matmul floor: the time of the model's weight matrix products alone at this batch
+(every ``nn.Linear``, the LM head included, on a (batch, in_features) input, median of 5), and the
+share of each variant's decode step that it is (1.0: a step costs no more than its matrix products).
 
 --context-as-prefix measures decode alone at context C without computing a prefill of C tokens (which
 takes minutes on a busy CPU): the context is a random prefix K/V of C - 1 positions (the engine's
@@ -48,6 +51,25 @@ class _Clock(LogitsProcessor):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         return scores
+
+
+def matmul_floor(model: torch.nn.Module, batch: int, sync: object, reps: int = 5) -> float:
+    """Seconds for one decode step's weight matmuls alone: every ``nn.Linear`` of ``model`` applied to a
+    (batch, in_features) input (median of ``reps``)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weight = linears[0].weight
+    inputs = {m.in_features: torch.randn(batch, m.in_features, device=weight.device, dtype=weight.dtype)
+              for m in linears}
+    times = []
+    with torch.no_grad():
+        for _ in range(reps + 1):  # the first is a warm-up
+            sync()  # type: ignore[operator]
+            start = time.perf_counter()
+            for m in linears:
+                torch.nn.functional.linear(inputs[m.in_features], m.weight)
+            sync()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -139,12 +161,15 @@ def main() -> None:
         hf = [v for v in variants if v.startswith("generate")]
         best, best_dec = max(med[v] for v in hf), max(dec[v] for v in hf)
         same = all(outputs[v] == outputs["generate default"] for v in variants)
+        floor = matmul_floor(model, a.batch, sync)
         results[f"context {context}"] = {
             "tokens_per_s_median (end to end)": {v: round(x, 1) for v, x in med.items()},
             "decode_tokens_per_s_median": {v: round(x, 1) for v, x in dec.items()},
             **{f"{v} / best generate, end to end": round(med[v] / best, 3) for v in variants if v.startswith("engine")},
             **{f"{v} / best generate, decode": round(dec[v] / best_dec, 3) for v in variants if v.startswith("engine")},
             "engine tokens == generate tokens (greedy)": same,
+            "matmul floor of a decode step (s)": round(floor, 5),
+            "matmul floor / decode step": {v: round(floor * x / a.batch, 3) for v, x in dec.items()},
         }
     print(json.dumps({"setup": {"model": a.model, "batch": a.batch, "new_tokens": a.new_tokens, "rounds": a.rounds,
                                 "threads": torch.get_num_threads(), "device": a.device, "dtype": str(dtype),

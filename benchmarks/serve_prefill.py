@@ -2,7 +2,7 @@
 
     python benchmarks/serve_prefill.py [--model smollm2-135m|tiny] [--prompts 16] [--min-len 16] [--max-len 512]
                                        [--rounds 2] [--threads 1] [--engines packed grouped padded]
-                                       [--ttft-long 0]
+                                       [--ttft-long 0] [--chunk 64]
 
 --prompts random prompts of --min-len..--max-len tokens join an idle engine at once ("mixed"), and as
 many prompts of their mean length ("equal", the same total within --prompts tokens); each request
@@ -12,12 +12,16 @@ and "padded" (one group left-padded to the longest prompt, the engine before iss
 prompt tokens/s, and packed mixed / the best equal-length figure of any engine (target >= 0.95),
 measured round by round in this run (rounds alternate their order against drift). With --ttft-long N:
 the time until --prompts short prompts all have their first token, alone and when they join in the
-same step as one N-token prompt (packed into the same forward: without chunked prefill, a short
-request waits for the long prompt's prefill).
+same step as one N-token prompt, with the long prompt prefilled whole (``prefill_chunk=None``: the short
+requests wait for its prefill) and in chunks of --chunk tokens; and the stall of running rows: --prompts
+short requests are decoding when the N-token prompt arrives, and the longest gap between two of their
+tokens is printed against their median gap, whole and chunked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -29,6 +33,25 @@ from prefixtune.serving.engine import Engine, EngineConfig
 from prefixtune.serving.sampling import SamplingParams
 
 
+def running_rows_stall(model: torch.nn.Module, config: EngineConfig, short: list[list[int]], long: list[int],
+                       steps: int = 6) -> dict[str, float]:
+    """``short`` requests decode for ``steps`` steps, then ``long`` arrives; the longest gap between two
+    consecutive tokens of the short requests (s), their median gap, and the ratio."""
+    engine = Engine(model, config)
+    new = steps + (len(long) + (config.prefill_chunk or len(long)) - 1) // (config.prefill_chunk or len(long)) + 4
+    gens = [engine.submit(p, SamplingParams(max_new_tokens=new, ignore_eos=True)) for p in short]
+    times: list[float] = []
+    for i in itertools.count():
+        if i == steps:
+            engine.submit(long, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        if not engine.step() or all(gen.done for gen in gens):
+            break
+        times.append(time.perf_counter())
+    gaps = [b - t for t, b in itertools.pairwise(times)]
+    longest, median = max(gaps), statistics.median(gaps)
+    return {"longest_s": round(longest, 4), "median_s": round(median, 4), "ratio": round(longest / median, 1)}
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--prompts", type=int, default=16)
@@ -38,6 +61,7 @@ def main() -> None:
     ap.add_argument("--ttft-long", type=int, default=0,
                     help="also: time to first token of --prompts short prompts (--min-len) joining with one "
                          "prompt of this many tokens, against the short ones alone (0: not measured)")
+    ap.add_argument("--chunk", type=int, default=64, help="prefill_chunk of the chunked engine (--ttft-long)")
     ap.add_argument("--engines", nargs="+", default=["packed", "grouped", "padded"],
                     choices=["packed", "grouped", "padded"], help="which engines to run (packed is always run)")
     a = ap.parse_args()
@@ -75,17 +99,24 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{e}/{k} {v[-1]:.0f} tok/s" for (e, k), v in rates.items()), flush=True)
     med = {key: statistics.median(v) for key, v in rates.items()}
     best_equal = max(v for (_, k), v in med.items() if k == "equal")
-    ttft = {}
+    ttft, stall = {}, {}
     if a.ttft_long:
         short = [torch.randint(3, vocab, (a.min_len,), generator=g).tolist() for _ in range(a.prompts)]
         long = torch.randint(3, vocab, (a.ttft_long,), generator=g).tolist()
-        for label, prompts in (("short alone", short), ("short with a long prompt", [long, *short])):
-            engine = Engine(model, engines["packed"])
+        chunking = {"whole": dataclasses.replace(engines["packed"], prefill_chunk=None),
+                    f"chunks of {a.chunk}": dataclasses.replace(engines["packed"], prefill_chunk=a.chunk)}
+        for label, prompts, config in (("short alone", short, chunking["whole"]),
+                                       *((f"short with a long prompt, {k}", [long, *short], c)
+                                         for k, c in chunking.items())):
+            engine = Engine(model, dataclasses.replace(config, max_batch_size=a.prompts + 1))
             start = time.perf_counter()
             gens = [engine.submit(p, params) for p in prompts]
             while not all(gen.done for gen in gens[-len(short):]):
                 engine.step()
             ttft[label] = round(time.perf_counter() - start, 3)  # every short request has its first token
+        for label, config in chunking.items():
+            stall[label] = running_rows_stall(model, dataclasses.replace(config, max_batch_size=a.prompts + 1),
+                                              short, long)
     print(json.dumps({
         "setup": {"model": a.model, "prompts": a.prompts, "lengths": f"{a.min_len}-{a.max_len}",
                   "mixed_total": sum(lengths), "longest": max(lengths), "equal_length": mean, "rounds": a.rounds,
@@ -96,7 +127,9 @@ def main() -> None:
         **({"packed mixed / padded mixed (gain)": round(med[("packed", "mixed")] / med[("padded", "mixed")], 2)}
            if "padded" in engines else {}),
         **({f"time to first token of {a.prompts} x {a.min_len}-token prompts (s), packed; long prompt "
-            f"{a.ttft_long} tokens": ttft} if ttft else {}),
+            f"{a.ttft_long} tokens": ttft,
+            f"running rows' longest gap between tokens / their median gap, when a {a.ttft_long}-token prompt "
+            f"arrives": stall} if ttft else {}),
     }, indent=2))
 
 
