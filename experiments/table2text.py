@@ -38,9 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from table2text_runs import RunSpec, eval_sets, run, score_sets
-
-from prefixtune.files import atomic_write_text
+from table2text_runs import RunSpec, eval_sets, meteor_scorer, run, score_sets, write_csv
 
 INIT_TEXT = {"e2e": "table-to-text: describe the restaurant:",  # 10 SmolLM2 tokens each, so P = 10
              "webnlg": "table-to-text: describe these facts:", "dart": "table-to-text: describe these facts:"}
@@ -78,15 +76,16 @@ def load(root: Path, spec: RunSpec) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def rescored(spec: RunSpec, result: dict[str, Any], split: str) -> dict[str, dict]:
-    """The run's ``split`` predictions scored now (the references come from the data, in the same order)."""
+def rescored(spec: RunSpec, result: dict[str, Any], split: str, scorer: Any) -> dict[str, dict]:
+    """The run's ``split`` predictions scored now (the references come from the data, in the same order),
+    METEOR by ``scorer`` (None: left out)."""
     decoded = result["decoded"][split]
     limit = spec.test_limit if split == "test" else spec.dev_limit
     sets = eval_sets(spec, split, limit)
     for name, (sources, _) in sets.items():
         if decoded["sources"][name] != sources:
             raise RuntimeError(f"{spec.key}: the {split}/{name} sources differ from the data's; rerun the run")
-    return score_sets(spec, sets, decoded["predictions"])
+    return score_sets(spec, sets, decoded["predictions"], scorer)
 
 
 def _claim(root: Path, spec: RunSpec) -> bool:
@@ -131,36 +130,28 @@ def mean_std(values: list[float], digits: int = 1) -> str:
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
-    """One row per finished run (test metrics re-scored)."""
-    rows = []
-    for spec in plan():
-        result = load(root, spec)
-        if result is None:
-            continue
-        row = {"key": spec.key, "data": spec.data, "system": spec.system, "lr": spec.lr, "seed": spec.seed,
-               "steps": result["steps"], "train_s": result["train_s"], "wall_s": result["wall_s"],
-               "trainable_parameters": result["trainable_parameters"], "stored_bytes": result["stored_bytes"],
-               "train_loss_last_epoch": result["train_loss_last_epoch"]}
-        for subset, scores in rescored(spec, result, "test").items():
-            for name, value in scores.items():
-                row[f"test_{subset}_{name}"] = value
-        rows.append(row)
-    return rows
+    """One row per finished run (test metrics re-scored, by one METEOR process for all of them)."""
+    scorer = meteor_scorer()
+    try:
+        return [row for spec in plan() if (row := _row(root, spec, scorer)) is not None]
+    finally:
+        if scorer is not None:
+            scorer.close()
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    import csv
-    import io
-
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+def _row(root: Path, spec: RunSpec, scorer: Any) -> dict[str, Any] | None:
+    """The CSV row of a finished run (None if it has not finished), floats to 4 digits."""
+    result = load(root, spec)
+    if result is None:
+        return None
+    row = {"key": spec.key, "data": spec.data, "system": spec.system, "lr": spec.lr, "seed": spec.seed,
+           "steps": result["steps"], "train_s": result["train_s"], "wall_s": result["wall_s"],
+           "trainable_parameters": result["trainable_parameters"], "stored_bytes": result["stored_bytes"],
+           "train_loss_last_epoch": result["train_loss_last_epoch"]}
+    for subset, scores in rescored(spec, result, "test", scorer).items():
+        for name, value in scores.items():
+            row[f"test_{subset}_{name}"] = value
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def main() -> None:
@@ -184,7 +175,7 @@ def main() -> None:
         if any(codes):
             raise SystemExit(f"a worker failed (exit codes {codes}); rerun to resume")
     rows = collect(root)
-    write_csv(rows, Path(args.csv))
+    write_csv(rows, Path(args.csv), fields=list(dict.fromkeys(k for row in rows for k in row)))
     from table2text_report import write_report
 
     write_report(rows, Path(args.doc))

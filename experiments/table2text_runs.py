@@ -159,22 +159,31 @@ def _metrics(spec: RunSpec, predictions: list[str], references: list[list[str]],
     return metrics.webnlg_metrics(predictions, references, data=spec.data, **kw)
 
 
-def score_sets(spec: RunSpec, sets: dict[str, EvalSet], predictions: dict[str, list[str]]) -> dict[str, dict]:
-    """Metrics of each subset, and of their union as ``"all"`` when there are several (WebNLG seen + unseen);
-    one METEOR process for all of them (METEOR is left out where Java cannot run it)."""
+def meteor_scorer() -> MeteorScorer | None:
+    """A METEOR process, or None where Java cannot run it (METEOR is then left out)."""
+    try:
+        return MeteorScorer()
+    except MeteorUnavailableError:
+        return None
+
+
+def score_sets(spec: RunSpec, sets: dict[str, EvalSet], predictions: dict[str, list[str]],
+               scorer: MeteorScorer | bool | None = True) -> dict[str, dict]:
+    """Metrics of each subset, and of their union as ``"all"`` when there are several (WebNLG seen + unseen).
+
+    scorer: a METEOR process to use (callers scoring many runs pass one), None to leave METEOR out, or True
+    for one started (and closed) here for all the subsets."""
     names = list(sets)
     if "all" not in sets:
         sets = {**sets, "all": ([], [r for n in names for r in sets[n][1]])}
         predictions = {**predictions, "all": [p for n in names for p in predictions[n]]}
+    own = scorer is True
+    meteor = meteor_scorer() if own else scorer
     try:
-        scorer: MeteorScorer | None = MeteorScorer()
-    except MeteorUnavailableError:
-        scorer = None
-    try:
-        return {name: _metrics(spec, predictions[name], refs, scorer) for name, (_, refs) in sets.items()}
+        return {name: _metrics(spec, predictions[name], refs, meteor) for name, (_, refs) in sets.items()}
     finally:
-        if scorer is not None:
-            scorer.close()
+        if own and meteor is not None:
+            meteor.close()
 
 
 def _decode_and_score(model: Any, tokenizer: Any, spec: RunSpec, split: str, limit: int) -> dict[str, Any]:
@@ -282,10 +291,10 @@ def csv_row(experiment: str, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """All rows, one per (experiment, run), written atomically."""
+def write_csv(rows: list[dict[str, Any]], path: str | Path, fields: list[str] | None = None) -> None:
+    """All rows, one per (experiment, run), written atomically; columns ``fields`` (default ``CSV_FIELDS``)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields or CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(Path(path), buf.getvalue())
