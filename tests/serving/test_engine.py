@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny
+from tiny_models import VOCAB, tiny, tiny_causal_lm
 
 from prefixtune import PrefixConfig, attach, load
 from prefixtune.serving.engine import Engine, EngineConfig, QueueFullError, UnknownPrefixError
@@ -96,18 +96,22 @@ def test_mixed_batch_equals_each_request_alone(name, seed, monkeypatch):
                    EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill="grouped", kv_cache="dynamic"),
                    EngineConfig(max_batch_size=3, max_prefill_batch=2, prefill_chunk=3),  # chunked prompts
                    EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill_chunk=2, kv_cache="dynamic"),
-                   EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill_chunk=4, prefill="grouped"))):
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, prefill_chunk=4, prefill="grouped"),
+                   EngineConfig(max_batch_size=16, max_prefill_batch=16, kv_cache="static"),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="static", prefill_chunk=3),
+                   EngineConfig(max_batch_size=3, max_prefill_batch=2, kv_cache="static", prefill="grouped"))):
         monkeypatch.setattr(cache_module, "DENSE_PACKED_TOKENS", 0 if i < len(loop) else 256)
         engine = _engine(model, prefixes, config)
         assert (engine.packing_refused is None) == (config.prefill == "packed"), engine.packing_refused
+        assert engine.static_refused is None and engine.layout == config.kv_cache
         got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
                               [w[1] for w in work])
         assert got == expected, config
-        assert engine.stats().running == 0 and engine._shared.cache is None
+        assert engine.stats().running == 0 and (engine._shared.cache is None) == (config.kv_cache != "static")
 
 
 @pytest.mark.parametrize("prefill", ["packed", "grouped"])
-@pytest.mark.parametrize("layout", ["preallocated", "dynamic"])
+@pytest.mark.parametrize("layout", ["preallocated", "dynamic", "static"])
 def test_requests_joining_mid_flight_and_alone_agree(layout, prefill):
     """New requests before every step (two at a time after the first: packed joins of mixed prefixes)."""
     model, prefixes, work, expected = _prefixes_and_references("llama", 3)
@@ -138,8 +142,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(monkeypa
                                                ["mid", "long"])
     engine = _engine(model, prefixes, EngineConfig(prefill_chunk=4))
     widths: list[int] = []
-    forward = engine._forward
-    monkeypatch.setattr(engine, "_forward", lambda ids, *a, **k: widths.append(ids.shape[1]) or forward(ids, *a, **k))
+    forward = engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward",
+                        lambda ids, *a, **k: widths.append(ids.shape[1]) or forward(ids, *a, **k))
     a = engine.submit(short, SamplingParams(max_new_tokens=12, ignore_eos=True), "mid")
     engine.step()
     b = engine.submit(long, SamplingParams(max_new_tokens=4, ignore_eos=True), "long")
@@ -402,13 +407,61 @@ def test_preallocated_cache_writes_in_place_and_holds_what_a_dynamic_cache_holds
     assert isinstance(pre.layers[0], type(layer)) and layer.keys.shape == (3, 2, 11, 4)
 
 
-@pytest.mark.slow  # torch.compile's first call takes minutes of CPU
-def test_compiled_decode_gives_the_tokens_of_prefix_model_generate():
-    model, prefixes, work, expected = _prefixes_and_references("llama", 0)
-    engine = _engine(model, prefixes, EngineConfig(max_batch_size=3, max_prefill_batch=2, compile_decode="default"))
+def test_static_layout_decodes_in_a_few_fixed_shapes_and_keeps_its_buffers(monkeypatch):
+    """kv_cache="static": every decode forward of a run with continuous joins has one of a few (slots,
+    capacity) shapes (powers of two), the buffers move only when a join needs more, and leaving rows
+    free their slots without a copy; the tokens are each request's alone."""
+    model, prefixes, work, expected = _prefixes_and_references("llama", 5)
+    engine = _engine(model, prefixes, EngineConfig(max_batch_size=4, max_prefill_batch=2, kv_cache="static"))
+    shapes, pointers = [], set()
+    forward = engine.runner.forward
+
+    def record(ids, mask, positions, cache, decode=False):
+        if decode:
+            shapes.append((tuple(ids.shape), tuple(mask.shape)))
+            pointers.add((cache.layers[0].keys.data_ptr(), cache.write.data_ptr()))
+        return forward(ids, mask, positions, cache, decode)
+
+    monkeypatch.setattr(engine.runner, "forward", record)
     got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
                           [w[1] for w in work])
-    assert got == expected and engine._decode_model is not None
+    assert got == expected
+    distinct = sorted(set(shapes))
+    assert len(shapes) > 10 and len(distinct) <= 3 and len(pointers) == len(distinct), distinct
+    for (slots, one), (_, _, _, capacity) in distinct:
+        assert one == 1 and slots & (slots - 1) == 0 and capacity & (capacity - 1) == 0 and capacity >= 64
+    assert len(engine._shared) == 0 and engine._shared.cache is not None  # kept for the next requests
+
+
+def test_static_layout_is_refused_where_it_would_not_be_exact():
+    """Bloom builds ALiBi from a 2-D mask, so it cannot take the static layout's 4-D one: refused at
+    construction with the reason, and served with the preallocated cache (the same tokens)."""
+    model = tiny_causal_lm("bloom").requires_grad_(False)
+    static = Engine(model, EngineConfig(kv_cache="static"))
+    assert static.layout == "preallocated" and static.static_refused.startswith("static decode failed")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    assert static.generate(prompts, params) == Engine(model).generate(prompts, params)
+
+
+@pytest.mark.slow  # torch.compile's first call takes minutes of CPU
+@pytest.mark.parametrize("layout", ["preallocated", "static"])
+def test_compiled_decode_gives_the_tokens_of_prefix_model_generate(layout):
+    """compile_decode with dynamic shapes (preallocated), and with static ones (the CUDA-graph layout)."""
+    model, prefixes, work, expected = _prefixes_and_references("llama", 0)
+    engine = _engine(model, prefixes, EngineConfig(max_batch_size=3, max_prefill_batch=2, compile_decode="default",
+                                                   kv_cache=layout))
+    from torch._dynamo.utils import counters
+
+    def run() -> list[list[int]]:
+        return engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
+                               [w[1] for w in work])
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert run() == expected and engine.runner.decode_model is not None and engine.layout == layout
+    if layout == "static":  # one graph per (slots, capacity) bucket, and none new for the same work again
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled - graphs <= 2 and run() == expected and counters["stats"]["unique_graphs"] == compiled
 
 
 def test_packing_is_refused_where_it_would_not_be_exact_and_the_grouped_prefill_serves(monkeypatch):
@@ -417,13 +470,13 @@ def test_packing_is_refused_where_it_would_not_be_exact_and_the_grouped_prefill_
     stay those of each request alone."""
     import contextlib
 
-    from prefixtune.serving import engine as engine_module
+    from prefixtune.serving import runner as runner_module
 
     model, prefixes, work, expected = _prefixes_and_references("llama", 0)
     eager = tiny("llama", attn="eager", seed=0)
     eager.load_state_dict(model.state_dict())
     assert "'eager'" in Engine(eager).packing_refused
-    monkeypatch.setattr(engine_module, "packed_attention", lambda model, segments: contextlib.nullcontext())
+    monkeypatch.setattr(runner_module, "packed_attention", lambda model, segments: contextlib.nullcontext())
     engine = _engine(model, prefixes, EngineConfig(max_batch_size=16, max_prefill_batch=16))
     assert engine.packing_refused.startswith("packed logits differ from the request alone")
     got = engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],

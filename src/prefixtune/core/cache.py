@@ -37,9 +37,13 @@ from prefixtune.core.kv import layer_kv
 #: layer in buffers with room to grow in rows and columns: a decode step writes the new column in place, a
 #: joining request is written into free rows, a leaving one is replaced by the last row (only that row is
 #: copied), and columns left all padding are dropped by moving the window's start (no copy). The buffers
-#: are copied only when they must grow (capacity doubled: amortized O(1) per token).
-Layout = Literal["dynamic", "preallocated"]
-LAYOUTS: tuple[str, ...] = ("dynamic", "preallocated")
+#: are copied only when they must grow (capacity doubled: amortized O(1) per token). "static" decodes in a
+#: ``StaticCache`` of fixed shape (slots, kv_heads, capacity, head_dim) whose rows are slots, each row
+#: left-aligned with its own write column: every decode step has the same shapes (what CUDA graphs and
+#: ``torch.compile`` without dynamic shapes need), at the price of attending over the whole capacity; its
+#: prefill caches are "preallocated" ones, copied into slots when their rows join.
+Layout = Literal["dynamic", "preallocated", "static"]
+LAYOUTS: tuple[str, ...] = ("dynamic", "preallocated", "static")
 
 
 def _room(n: int) -> int:
@@ -111,10 +115,78 @@ class PreallocatedCache(DynamicCache):
 
 
 def new_cache(layout: Layout) -> DynamicCache:
-    """An empty cache of ``layout``."""
+    """An empty (prefill) cache of ``layout`` ("static" prefills into a preallocated one)."""
     if layout not in LAYOUTS:
         raise ValueError(f"cache layout must be one of {LAYOUTS}, got {layout!r}")
-    return PreallocatedCache() if layout == "preallocated" else DynamicCache()
+    return DynamicCache() if layout == "dynamic" else PreallocatedCache()
+
+
+class SlotLayer(DynamicLayer):
+    """Fixed buffers (slots, kv_heads, capacity, head_dim); ``update`` with one new column per slot writes
+    slot s's at column ``write[s]`` in place (a scatter: no Python integer changes from step to step) and
+    returns the whole buffers."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.write, self.is_initialized = keys, values, write, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if key_states.shape[0] != self.keys.shape[0] or key_states.shape[-2] != 1:
+            raise ValueError(f"a static cache takes one column per slot ({self.keys.shape[0]} slots), "
+                             f"got keys {tuple(key_states.shape)}")
+        self.keys.scatter_(2, self.write.view(-1, 1, 1, 1).expand_as(key_states), key_states)
+        self.values.scatter_(2, self.write.view(-1, 1, 1, 1).expand_as(value_states), value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class SlotCache(DynamicCache):
+    """The "static" layout's decode cache: every layer a ``SlotLayer`` sharing one (slots,) long ``write``
+    tensor (each slot's next column); the caller advances ``write`` after each step and passes a 4-D mask
+    over the whole capacity. Buffers are marked as static addresses (CUDA-graph replays reuse them)."""
+
+    def __init__(self, like: DynamicCache, slots: int, capacity: int) -> None:
+        """Zeroed buffers for ``slots`` rows of ``capacity`` columns, with ``like``'s layers' heads, head
+        dims, dtype and device."""
+        layers = _layers(like)
+        self.write = torch.zeros(slots, dtype=torch.long, device=layers[0].keys.device)
+        made = []
+        for layer in layers:
+            k, v = layer.keys, layer.values
+            keys = k.new_zeros(slots, k.shape[1], capacity, k.shape[-1])
+            values = v.new_zeros(slots, v.shape[1], capacity, v.shape[-1])
+            for t in (keys, values):
+                torch._dynamo.mark_static_address(t)
+            made.append(SlotLayer(keys, values, self.write))
+        torch._dynamo.mark_static_address(self.write)
+        Cache.__init__(self, layers=made)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(slots, capacity)."""
+        keys = self.layers[0].keys
+        return keys.shape[0], keys.shape[-2]
+
+    def place(self, slot: int, source: DynamicCache, row: int, columns: torch.Tensor) -> None:
+        """Copy ``source``'s row ``row``, its ``columns`` (n,) in order, into ``slot``'s first n columns;
+        the slot's next column is then n."""
+        for mine, theirs in zip(self.layers, _layers(source), strict=True):
+            mine.keys[slot, :, :len(columns)] = theirs.keys[row, :, columns]
+            mine.values[slot, :, :len(columns)] = theirs.values[row, :, columns]
+        self.write[slot] = len(columns)
+
+    def grown(self, slots: int, capacity: int) -> SlotCache:
+        """A cache of at least this size holding this one's slots and columns (new buffers: new shapes)."""
+        bigger = SlotCache(self, max(slots, self.shape[0]), max(capacity, self.shape[1]))
+        s, c = self.shape
+        for mine, theirs in zip(bigger.layers, self.layers, strict=True):
+            mine.keys[:s, :, :c] = theirs.keys
+            mine.values[:s, :, :c] = theirs.values
+        bigger.write[:s] = self.write
+        return bigger
 
 
 def layout_of(cache: DynamicCache) -> Layout:

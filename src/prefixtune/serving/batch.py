@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixtune.core.cache import keep_cache_rows, merge_caches
+from prefixtune.core.cache import SlotCache, keep_cache_rows, merge_caches
 from prefixtune.serving.generation import Generation
 
 
@@ -95,6 +95,10 @@ class RunningBatch:
         """The forward appended one column to the cache; the mask follows."""
         self.mask = mask
 
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows' logits: (B, V), one per row already."""
+        return logits
+
     def drop_finished(self) -> None:
         """Take finished rows out of the rows, the cache and the mask; drop columns left all padding."""
         keep = [i for i, r in enumerate(self.rows) if not r.gen.done]
@@ -112,6 +116,89 @@ class RunningBatch:
     def clear(self) -> list[Sequence]:
         """Empty the batch; returns the rows it held."""
         rows, self.rows, self.cache, self.mask = self.rows, [], None, None
+        return rows
+
+
+def _bucket(n: int, least: int) -> int:
+    """The power of two >= max(n, least): a handful of shapes, so a handful of compiled graphs."""
+    return 1 << (max(n, least) - 1).bit_length()
+
+
+class StaticBatch:
+    """Rows decoding together in fixed shapes (``kv_cache="static"``): a ``SlotCache`` of (slots, capacity)
+    columns, row r in slot ``slots[r]``, left-aligned (its prefix, then its tokens, from column 0), and an
+    additive (slots, capacity) mask in the model's dtype (0 on real columns, the dtype's minimum elsewhere).
+
+    Every decode step feeds all slots (free ones too: a dummy token, masked everywhere) at their own write
+    column, so the shapes change only when a join needs more slots or columns (each doubles: a handful of
+    shapes per run). Joining rows are copied into free slots; leaving rows only free theirs."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.rows: list[Sequence] = []
+        self.slots: list[int] = []
+        self.cache: SlotCache | None = None
+        self.bias: torch.Tensor | None = None
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, rows: list[Sequence], cache: object, mask: torch.Tensor) -> None:
+        """Copy prefilled ``rows`` (their cache, (R, L) mask of real columns) into free slots."""
+        columns = [m.nonzero().flatten() for m in mask]
+        need = max(len(c) + r.gen.params.max_new_tokens for c, r in zip(columns, rows, strict=True))
+        slots, capacity = len(self.rows) + len(rows), need
+        if self.cache is None:
+            self.cache = SlotCache(cache, _bucket(slots, 1), _bucket(capacity, 64))
+            self.bias = torch.full(self.cache.shape, torch.finfo(self.dtype).min, dtype=self.dtype,
+                                   device=mask.device)
+        elif slots > self.cache.shape[0] or capacity > self.cache.shape[1]:
+            old = self.cache.shape
+            self.cache = self.cache.grown(_bucket(slots, old[0]), _bucket(capacity, old[1]))
+            bias = torch.full(self.cache.shape, torch.finfo(self.dtype).min, dtype=self.dtype, device=mask.device)
+            bias[:old[0], :old[1]] = self.bias
+            self.bias = bias
+        free = sorted(set(range(self.cache.shape[0])) - set(self.slots))
+        for i, (seq, cols) in enumerate(zip(rows, columns, strict=True)):
+            slot = free[i]
+            self.cache.place(slot, cache, i, cols)
+            self.bias[slot] = torch.finfo(self.dtype).min
+            self.bias[slot, :len(cols)] = 0
+            self.rows.append(seq)
+            self.slots.append(slot)
+
+    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids (S, 1), positions (S, 1), mask (S, 1, 1, capacity)) for every slot; a row's new column is
+        made visible first (its position: the count of its real columns, i.e. its write column)."""
+        write = self.cache.write
+        ids = torch.zeros(len(write), 1, dtype=torch.long, device=write.device)
+        live = torch.tensor(self.slots, dtype=torch.long, device=write.device)
+        ids[live, 0] = torch.tensor([r.pending for r in self.rows], dtype=torch.long, device=write.device)
+        self.bias[live, write[live]] = 0
+        return ids, write[:, None].clone(), self.bias[:, None, None, :]
+
+    def decoded(self, mask: torch.Tensor) -> None:
+        """The forward wrote one column per slot; the live slots move on (free slots stay at column 0)."""
+        self.cache.write[torch.tensor(self.slots, dtype=torch.long, device=mask.device)] += 1
+
+    def select(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows' logits (len(rows), V) out of the slots' (S, V)."""
+        return logits[torch.tensor(self.slots, dtype=torch.long, device=logits.device)]
+
+    def drop_finished(self) -> None:
+        """Free the slots of finished rows (their columns masked, their write column back to 0)."""
+        keep = [i for i, r in enumerate(self.rows) if not r.gen.done]
+        if len(keep) == len(self.rows):
+            return
+        for i in set(range(len(self.rows))) - set(keep):
+            self.bias[self.slots[i]] = torch.finfo(self.dtype).min
+            self.cache.write[self.slots[i]] = 0
+        self.rows = [self.rows[i] for i in keep]
+        self.slots = [self.slots[i] for i in keep]  # the buffers stay (a compiled step keeps its addresses)
+
+    def clear(self) -> list[Sequence]:
+        """Empty the batch (its buffers are released); returns the rows it held."""
+        rows, self.rows, self.slots, self.cache, self.bias = self.rows, [], [], None, None
         return rows
 
 

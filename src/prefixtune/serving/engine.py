@@ -27,6 +27,15 @@ cache of its own, and joins its batch when its prompt is complete: the rows alre
 at every step meanwhile (chunked prefill, as vLLM and Sarathi do), so one long prompt never stalls them
 for its whole prefill.
 
+The GPU layout. On a GPU a small model's decode step is bound by kernel launches, not by arithmetic;
+CUDA graphs remove the launches but replay fixed shapes at fixed addresses. ``kv_cache="static"`` gives
+the decode step exactly that: a ``SlotCache`` of (slots, capacity) per layer, sizes in powers of two, each
+row left-aligned in its slot with its own write column (a scatter, not a Python integer), and a 4-D
+additive mask over the whole capacity; joins copy rows into free slots, leaves free them. With
+``compile_decode="reduce-overhead"`` a run compiles one graph per (slots, capacity) bucket (tested on the
+CPU: two graphs for a run of continuous joins, none new when it repeats). On the CPU the static layout
+attends over its whole capacity and is no faster than "preallocated".
+
 What is promised. Greedy rows give exactly the tokens of ``PrefixModel.generate`` alone (the tests
 check it over continuous joins, cancellations and mixed prefix lengths). A request with a ``seed`` is
 prefilled and decoded in a batch of its own (one more forward per step for each such row), so its
@@ -43,8 +52,9 @@ attention. A packed prefill lays each row out with no padding inside its columns
 cache columns), so such requests are packed like any others; without packing they are prefilled one at a
 time. Longer requests are refused at submit.
 
-Size: ~430 lines: the wiring of the four parts plus the submit-time checks and the engine thread; the
-parts themselves live in registry.py, scheduler.py, batch.py and sampling.py.
+Size: ~480 lines: the wiring of the five parts plus the submit-time checks, the prefill orchestration
+(packed, grouped, chunked) and the engine thread; the parts themselves live in registry.py, scheduler.py,
+batch.py, runner.py (the model's forwards and the checks of the fast paths) and sampling.py.
 """
 
 from __future__ import annotations
@@ -61,21 +71,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from prefixtune.core.cache import (
-    LAYOUTS,
-    Layout,
-    Segment,
-    cache_from_prefixes,
-    packed_attention,
-    packing_refused_now,
-    unpack_rows,
-)
+from prefixtune.core.cache import LAYOUTS, Layout, cache_from_prefixes, packing_refused_now
 from prefixtune.core.model import PrefixModel
 from prefixtune.core.spec import read_spec
 from prefixtune.errors import QueueFullError, UnknownPrefixError
-from prefixtune.serving.batch import ChunkedPrefill, RunningBatch, Sequence
+from prefixtune.serving.batch import ChunkedPrefill, RunningBatch, Sequence, StaticBatch
 from prefixtune.serving.generation import EventCallback, FinishReason, Generation
 from prefixtune.serving.registry import PrefixRegistry
+from prefixtune.serving.runner import ModelRunner
 from prefixtune.serving.sampling import SamplingParams, make_generator, sample_row
 from prefixtune.serving.scheduler import Scheduler
 
@@ -118,11 +121,17 @@ class EngineConfig:
         kv_cache: the cache layout (``core/cache.py``): "preallocated" writes each new token's K/V in
             place, joining rows into free rows and leaving ones by moving the last row into their place;
             "dynamic" is transformers' ``DynamicCache`` (a copy of the whole cache per step, per join and
-            per leave). Both give the same tokens; at long contexts the per-step copy is as costly as the
-            attention itself (``benchmarks/serve_decode.py``), hence the default.
+            per leave); "static" decodes in fixed shapes (slots and columns in powers of two, each row
+            at its own write column, attending over the whole capacity), the layout for
+            ``compile_decode="reduce-overhead"`` (CUDA graphs) on a GPU, where a step is launch-bound.
+            All give the same tokens; at long contexts the per-step copy is as costly as the attention
+            itself (``benchmarks/serve_decode.py``), hence "preallocated" by default. A model that the
+            static layout would not serve exactly (checked at construction: ``Engine.static_refused``)
+            gets "preallocated".
         compile_decode: "off", or a ``torch.compile`` mode ("default", "reduce-overhead" for CUDA
-            graphs on a GPU, "max-autotune") for the decode step's forward, compiled with dynamic
-            shapes (batch size and cache length change from step to step) on its first use.
+            graphs on a GPU, "max-autotune") for the decode step's forward, compiled on its first use:
+            with static shapes under ``kv_cache="static"`` (one graph per (slots, capacity) bucket),
+            with dynamic shapes otherwise (batch size and cache length change from step to step).
     """
 
     max_batch_size: int = 32
@@ -205,19 +214,27 @@ class Engine:
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.max_context = self.config.max_context or getattr(model.config, "max_position_embeddings", None) or 2**31
-        self._pad_id = 0
-        self._decode_model: nn.Module | None = None  # compiled on first use (compile_decode)
+        self.runner = ModelRunner(model, self.device, self.dtype, self.config.kv_cache, self.config.compile_decode)
         self.prefixes = PrefixRegistry(model, self.spec, self.device, self.dtype, self.max_context - 1,
                                        self.config.max_resident_prefixes)
         #: why joiners are not packed (None: they are); checked once, on this model
         self.packing_refused: str | None = ("prefill='grouped'" if self.config.prefill == "grouped"
-                                            else self._packing_check())
+                                            else self.runner.packing_refused(self.prefixes.position_shape,
+                                                                             self.spec.vocab_size))
         if self.packing_refused is not None and self.config.prefill == "packed":
             logger.info("engine: prefill not packed: %s", self.packing_refused)
         self.scheduler = Scheduler(self.config.max_batch_size, self.config.max_waiting,
                                    1 if self.window is not None and self.packing_refused is not None
                                    else self.config.max_prefill_batch)
-        self._shared = RunningBatch()  # every row that may share a batch
+        #: why the static layout is not used (None: it is, or it was not asked for); checked once
+        self.static_refused: str | None = (self.runner.static_refused(self.prefixes.position_shape,
+                                                                      self.spec.vocab_size)
+                                           if self.config.kv_cache == "static" else None)
+        if self.static_refused is not None:
+            logger.info("engine: kv_cache 'static' not used: %s", self.static_refused)
+        self.layout = "preallocated" if self.static_refused is not None else self.config.kv_cache
+        self.runner.static_decode = self.layout == "static"
+        self._shared = self._new_batch()  # every row that may share a batch
         self._solo: list[RunningBatch] = []  # one batch per seeded row
         self._chunked: list[ChunkedPrefill] = []  # long prompts being prefilled, oldest first
         # every key exists from the start, so that stats() can copy the dict while the loop counts
@@ -366,7 +383,10 @@ class Engine:
                 logger.exception("engine step failed")
 
     # ------------------------------------------------------------------ internals
-    def _batches(self) -> list[RunningBatch]:
+    def _new_batch(self) -> RunningBatch | StaticBatch:
+        return StaticBatch(self.dtype) if self.layout == "static" else RunningBatch()
+
+    def _batches(self) -> list[RunningBatch | StaticBatch]:
         return [b for b in (self._shared, *self._solo) if len(b)]
 
     def _guarded(self, rows: list[Sequence], run: object) -> None:
@@ -398,7 +418,7 @@ class Engine:
             groups += [[s] for s in shared] if self.window is not None else self._length_groups(shared)
         for group in groups:
             solo = group[0].solo
-            target = RunningBatch() if solo else self._shared
+            target = self._new_batch() if solo else self._shared
             run = self._prefill_packed if packed and len(group) > 1 else self._prefill_group
             self._guarded(group, lambda g=group, t=target, f=run: f(g, t))
             if solo and len(target):
@@ -418,13 +438,13 @@ class Engine:
     def _prefill_chunk(self, part: ChunkedPrefill, n: int) -> None:
         """One (1, n) forward of ``part``'s next prompt tokens over its own cache."""
         ids, positions, mask = part.chunk_inputs(n)
-        logits = self._forward(ids, mask, positions, part.cache)
+        logits = self.runner.forward(ids, mask, positions, part.cache)
         part.prefilled(mask, n)
         self._count("prompt_tokens", n)
         if part.remaining:
             return
         self._chunked.remove(part)
-        target = RunningBatch() if part.seq.solo else self._shared
+        target = self._new_batch() if part.seq.solo else self._shared
         target.join([part.seq], part.cache, part.mask)
         if part.seq.solo:
             self._solo.append(target)
@@ -445,114 +465,27 @@ class Engine:
                 tokens = n
         return groups
 
-    def _prefill_group(self, group: list[Sequence], batch: RunningBatch) -> None:
-        cache, prefix_mask = cache_from_prefixes([s.kv for s in group], self.device, self.dtype,
-                                                 self.config.kv_cache)
-        t = max(len(s.gen.prompt_ids) for s in group)
-        ids = torch.full((len(group), t), self._pad_id, dtype=torch.long, device=self.device)
-        token_mask = torch.zeros(len(group), t, dtype=torch.long, device=self.device)
-        for i, seq in enumerate(group):
-            prompt = seq.gen.prompt_ids
-            ids[i, t - len(prompt):] = torch.tensor(prompt, device=self.device)
-            token_mask[i, t - len(prompt):] = 1
-        mask = torch.cat([prefix_mask, token_mask], dim=1)  # (G, P_max + T)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]  # P_r + index among the row's tokens
-        logits = self._forward(ids, mask, positions, cache)
+    def _prefill_group(self, group: list[Sequence], batch: RunningBatch | StaticBatch) -> None:
+        logits, cache, mask = self.runner.group_prefill([s.kv for s in group], [s.gen.prompt_ids for s in group])
         self._count("prompt_tokens", sum(len(s.gen.prompt_ids) for s in group))
         batch.join(group, cache, mask)
         self._sample(group, logits)
 
-    def _prefill_packed(self, group: list[Sequence], batch: RunningBatch) -> None:
-        """Prefill ``group`` as one packed row (``core/cache.py``): ids (1, sum of prompt lengths), each
-        distinct prefix once in the row's past, positions P_r + index per request; then one row each."""
-        logits, cache, mask = self._packed_forward([s.kv for s in group], [s.gen.prompt_ids for s in group])
+    def _prefill_packed(self, group: list[Sequence], batch: RunningBatch | StaticBatch) -> None:
+        """Prefill ``group`` as one packed row (``ModelRunner.packed_prefill``), then one row each."""
+        logits, cache, mask = self.runner.packed_prefill([s.kv for s in group], [s.gen.prompt_ids for s in group])
         self._count("prompt_tokens", sum(len(s.gen.prompt_ids) for s in group))
         batch.join(group, cache, mask)
         self._sample(group, logits)
 
-    def _packed_forward(self, kvs: list[torch.Tensor | None], prompts: list[Seq[int]]
-                        ) -> tuple[torch.Tensor, object, torch.Tensor]:
-        """Packed prefill of R requests (prefix K/V (P_r, layers, 2, kv_heads, head_dim) or None, prompt).
-        Returns the last-token logits (R, V) float32 and the rows' cache and (R, L) mask."""
-        starts: dict[int, int] = {}
-        distinct: list[torch.Tensor] = []
-        past = 0
-        for kv in kvs:
-            if kv is not None and kv.shape[0] and id(kv) not in starts:
-                starts[id(kv)], past = past, past + kv.shape[0]
-                distinct.append(kv)
-        segments, positions, start = [], [], 0
-        for kv, prompt in zip(kvs, prompts, strict=True):
-            p = 0 if kv is None else kv.shape[0]
-            segments.append(Segment(starts.get(id(kv), 0), p, start, len(prompt)))
-            positions.append(torch.arange(p, p + len(prompt)))
-            start += len(prompt)
-        cache, _ = cache_from_prefixes([torch.cat(distinct) if distinct else None], self.device, self.dtype)
-        ids = torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long, device=self.device)[None]
-        last = torch.tensor([s.start + s.length - 1 for s in segments], device=self.device)
-        with packed_attention(self.model, segments):
-            out = self.model(input_ids=ids, position_ids=torch.cat(positions).to(self.device)[None],
-                             past_key_values=cache, use_cache=True, logits_to_keep=last)
-        logits = out.logits[0].float()
-        if logits.shape[0] != len(segments):
-            raise ValueError(f"{type(self.model).__name__} gave {tuple(out.logits.shape)} logits for "
-                             f"logits_to_keep of {len(segments)} positions")
-        rows, mask = unpack_rows(cache, segments, self.config.kv_cache)
-        return logits, rows, mask
-
-    def _packing_check(self) -> str | None:
-        """None if a packed prefill gives this model's logits and cache (two requests, one with a
-        prefix, against each alone); otherwise the reason packing is not used."""
-        refused = packing_refused_now(self.model)
-        if refused is not None:
-            return refused
-        g = torch.Generator().manual_seed(0)
-        kv = torch.randn(3, *self.prefixes.position_shape, generator=g).to(self.device, self.dtype)
-        prompts = [[3 + i % (self.spec.vocab_size - 3) for i in range(5)], [4, 3, 5, 4]]
-        kvs = [kv, None]
-        try:
-            with torch.no_grad():
-                logits, cache, _ = self._packed_forward(kvs, prompts)
-                for r, (k, prompt) in enumerate(zip(kvs, prompts, strict=True)):
-                    alone, prefix_mask = cache_from_prefixes([k], self.device, self.dtype)
-                    ids = torch.tensor([prompt], device=self.device)
-                    full = torch.cat([prefix_mask, torch.ones_like(ids)], dim=1)
-                    positions = (full.cumsum(-1) - 1)[:, -len(prompt):]
-                    want = self._forward(ids, full, positions, alone)[0]
-                    tol = (1e-4 if self.dtype == torch.float32 else 3e-2) * (1 + want.abs().max().item())
-                    if not torch.allclose(logits[r], want, rtol=0, atol=tol):
-                        return (f"packed logits differ from the request alone by "
-                                f"{(logits[r] - want).abs().max().item():.3g}")
-                    n = alone.get_seq_length()  # its real columns (prefix and prompt), at the right of its row
-                    for mine, ref in zip(cache.layers, alone.layers, strict=True):
-                        for got, exp in ((mine.keys[r, :, -n:], ref.keys[0]), (mine.values[r, :, -n:], ref.values[0])):
-                            if not torch.allclose(got, exp, rtol=0, atol=tol):
-                                return f"packed K/V differ from the request alone by {(got - exp).abs().max():.3g}"
-        except Exception as exc:  # a model that cannot run packed: the reason, and the grouped prefill
-            return f"packed forward failed: {type(exc).__name__}: {exc}"
-        return None
-
-    def _decode(self, batch: RunningBatch) -> None:
+    def _decode(self, batch: RunningBatch | StaticBatch) -> None:
         """Feed every row of ``batch`` its pending token: one (B, 1) forward over its cache."""
         ids, positions, mask = batch.decode_inputs()
-        logits = self._forward(ids, mask, positions, batch.cache, decode=True)
+        logits = batch.select(self.runner.forward(ids, mask, positions, batch.cache, decode=True))
         batch.decoded(mask)
         self._count("steps")
         self._count("decoded_rows", len(batch))
         self._sample(batch.rows, logits)
-
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object,
-                 decode: bool = False) -> torch.Tensor:
-        """ids, positions (B, T); mask (B, cached + T). Returns the last position's logits (B, V) float32."""
-        model = self.model
-        if decode and self.config.compile_decode != "off":
-            if self._decode_model is None:
-                mode = None if self.config.compile_decode == "default" else self.config.compile_decode
-                self._decode_model = torch.compile(self.model, mode=mode, dynamic=True)
-            model = self._decode_model
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each row's next token (logits (len(rows), V)), emit it, finish rows that are done.
