@@ -2,12 +2,26 @@
 
 How a prefix reaches attention: every prefix-carrying attention module is tagged with its
 slot ``(stack, layer)`` and the model's attention implementation is switched to a registered
-wrapper (``prefixtune_sdpa`` / ``prefixtune_eager``) around the one it had. A forward
-pre-hook on the model (and on its encoder, which ``generate`` calls on its own) puts the
+wrapper (``prefixtune_sdpa`` / ``prefixtune_eager`` / ``prefixtune_flex_attention``) around the one it
+had. A forward pre-hook on the model (and on its encoder, which ``generate`` calls on its own) puts the
 active ``PrefixBatch`` into the forward's keyword arguments, which ``transformers`` threads
 down to every attention call; there the wrapper concatenates the slot's prefix keys and
 values in front of the layer's own (after RoPE, exactly like a KV cache of P past tokens)
 and extends the mask (and T5's position bias) to cover them.
+
+flex_attention (decoder-only models): the wrapper builds a BlockMask over P + kv keys whose prefix columns
+follow each row's prefix and whose real columns keep the model's own mask_mod (causal, padding, sliding
+window), once per model call and mask. Its cost differs by device:
+- CPU: the prefixed attention calls run flex_attention *unfused* (``torch.compiler.set_stance("force_eager")``:
+  the full (B, heads, q, P + kv) score matrix is materialized, as eager attention does; no compile). The
+  compiled CPU kernel is not usable: PyTorch 2.13's CPU inductor template (``cpp_flex_attention_template.py``)
+  renames its kv block-size symbol by string replacement, so a mask_mod that indexes a tensor whose size is
+  dynamic (the prefix-validity table, after ``generate`` has made shapes dynamic) is compiled to C++ naming an
+  undeclared ``cur_kvSplitSize4`` (``CppCompileError``). The calls without a prefix stay as transformers runs them.
+  Training needs another device: PyTorch 2.13 has no flex_attention backward on CPU, fused or not.
+- other devices: transformers' compiled flex_attention, unchanged, with the extended BlockMask.
+Building the extended BlockMask evaluates its mask_mod over B x q x (P + kv) (``create_block_mask``,
+uncompiled) once per model call, shared by the layers that share the model's mask.
 
 Because the prefix travels as a keyword argument and never through the KV cache:
 - ``generate`` (greedy, sampling, beam search, any cache) sees it on every step;
@@ -18,7 +32,7 @@ For decoder-only models, positions are shifted by each row's prefix length (the 
 sit where they would after P cached tokens), and computed from the attention mask, so that a
 left-padded row gives the same result as the row alone.
 
-Size: ~550 lines, kept in one module on purpose: it is the one place that reaches into transformers'
+Size: ~730 lines, kept in one module on purpose: it is the one place that reaches into transformers'
 attention internals, and its parts (the registered attention wrapper, the probe that ``read_spec`` runs
 through that same wrapper, positions, the installation and its cache route) share the registered
 functions and the probe's state; split, they would import each other.
@@ -28,7 +42,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +62,7 @@ SLOT_ATTR = "_prefixtune_slot"
 OWNER_ATTR = "_prefixtune_injection"
 ATTACHED_ATTR = "_prefixtune_attached"
 KWARG = "prefixtune"
-BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass
@@ -204,6 +218,41 @@ def _dynamic_mask_bias(module: nn.Module, pv: torch.Tensor, heads: int, kv_len: 
     return dt.repeat_interleave(heads // dt.shape[1], dim=1)[:, :, None, :]
 
 
+def _extend_block_mask(block_mask: Any, allowed: torch.Tensor, q_len: int, kv_len: int) -> Any:
+    """flex_attention: the model's BlockMask over (q, kv) with P prefix columns in front, (B, q, P + kv).
+
+    allowed: (B, 1, 1, P) bool, which prefix columns each row sees (shorter prefixes are padded in front).
+    The real columns keep the model's own mask_mod (causal, padding, sliding window), read at kv - P; with
+    no block mask (None) they are all visible, as flex_attention without one attends everything.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    bsz, p = allowed.shape[0], allowed.shape[-1]
+    if allowed.shape[2] != 1:
+        raise ValueError("flex_attention: prefix columns that differ by query (infix mode) are not supported; "
+                         "load the model with attn_implementation='sdpa'")
+    prefix_ok = allowed[:, 0, 0].contiguous()  # (B, P)
+    own = getattr(block_mask, "mask_mod", None)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        seen = prefix_ok[b, kv.clamp(min=0, max=p - 1)]
+        real = own(b, h, q, (kv - p).clamp(min=0)) if own is not None else kv >= p
+        return torch.where(kv < p, seen, real)
+
+    return create_block_mask(mask_mod, B=bsz, H=None, Q_LEN=q_len, KV_LEN=p + kv_len, device=allowed.device)
+
+
+@contextmanager
+def _flex_stance(device: torch.device) -> Iterator[None]:
+    """Run the flex_attention calls inside the block unfused on CPU (see the module docstring), as they are
+    elsewhere; inside a ``torch.compile`` of the whole model, the caller's compile decides."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
 def _make_attention(base: str) -> Callable[..., Any]:
     def attention(
         module: nn.Module,
@@ -237,12 +286,22 @@ def _make_attention(base: str) -> Callable[..., Any]:
             allowed = allowed & rows_to(batch.valid, bsz)[:, None, None, :]
         if batch.query_visible is not None and slot[0] == "decoder":
             allowed = allowed & batch.query_visible[:, None, -q_len:, None]
+        if base == "flex_attention" and not isinstance(attention_mask, torch.Tensor):  # a BlockMask, or None
+            owner = getattr(module, OWNER_ATTR, None)
+            masks = owner.flex_masks if owner is not None else {}
+            held = masks.get(id(attention_mask))
+            if held is None or held[0] is not attention_mask or held[1].shape[-2:] != (q_len, p + kv_len):
+                held = masks[id(attention_mask)] = (attention_mask, _extend_block_mask(attention_mask, allowed,
+                                                                                      q_len, kv_len))
+            with _flex_stance(query.device):
+                return fn(module, query, torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), held[1],
+                          **kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:  # sdpa_attention_forward's own default
             is_causal = bool(getattr(module, "is_causal", True))
         if base == "eager" and attention_mask is None:
             is_causal = False  # eager functions apply no causal mask of their own
-        additive = query.dtype if base == "eager" else None
+        additive = query.dtype if base in ("eager", "flex_attention") else None  # flex adds a tensor mask too
         dynamic = None if attention_mask is None else _dynamic_mask_bias(module, pv, query.shape[1], kv_len)
         attention_mask = _extend_mask(attention_mask, allowed, q_len, kv_len, is_causal, additive, dynamic)
         bias = kwargs.get("position_bias")
@@ -251,7 +310,8 @@ def _make_attention(base: str) -> Callable[..., Any]:
             kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
         key = torch.cat([pk, key], dim=2)
         value = torch.cat([pv, value], dim=2)
-        return fn(module, query, key, value, attention_mask, **kwargs)
+        with _flex_stance(query.device) if base == "flex_attention" else nullcontext():
+            return fn(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"prefixtune_{base}_attention"
     return attention
@@ -322,7 +382,8 @@ def record_attention_calls(model: nn.Module, **inputs: Any) -> list[AttentionCal
             impl = cfg._attn_implementation
             saved.append((cfg, impl))
             base = (impl or "sdpa").removeprefix("prefixtune_")
-            cfg._attn_implementation_internal = f"prefixtune_{base if base in BASE_IMPLEMENTATIONS else 'sdpa'}"
+            base = "eager" if base == "flex_attention" else base  # read as eager (softcap): no compile to probe
+            cfg._attn_implementation_internal = f"prefixtune_{base if base in ('sdpa', 'eager') else 'sdpa'}"
     was_training, calls = model.training, []
     model.eval()
     _PROBE = calls
@@ -485,6 +546,9 @@ class Injection:
         # The batch of the model call in progress, for layers that do not thread the keyword argument down
         # (the keyword stays the primary way: it survives gradient checkpointing's recomputation).
         self.current: PrefixBatch | None = None
+        # flex_attention: id(the model's BlockMask) -> (it, it extended by the prefix columns), for the call in
+        # progress (emptied by each model call), so that the layers sharing a block mask extend it once
+        self.flex_masks: dict[int, tuple[Any, Any]] = {}
         if getattr(model, ATTACHED_ATTR, False):  # the cache route renames no implementation: this tells it
             raise ValueError("this model already has prefixtune attached; detach() it first")
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
@@ -494,6 +558,11 @@ class Injection:
                 raise ValueError("this model already has prefixtune attached; detach() it first")
             if impl is not None and impl not in BASE_IMPLEMENTATIONS:
                 raise ValueError(_unsupported_implementation(spec.architecture, impl))
+            if impl == "flex_attention" and (spec.kind != "causal" or spec.route != "attention"):
+                raise ValueError(
+                    f"{spec.architecture} uses attn_implementation='flex_attention'; prefixtune extends flex block "
+                    "masks for decoder-only models whose attention carries the prefix (encoder, cross-attention and "
+                    "KV-cache-route prefixes through flex are untested): load it with attn_implementation='sdpa'")
         modules = dict(model.named_modules())
         self._tagged: list[nn.Module] = []
         configs: dict[int, Any] = {}
@@ -549,6 +618,7 @@ class Injection:
                 if visible is not None:
                     batch = replace(batch, query_visible=visible)
             kwargs[KWARG] = self.current = batch
+            self.flex_masks = {}
             return args, kwargs
 
         return hook
