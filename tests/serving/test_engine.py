@@ -164,6 +164,36 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(monkeypa
         EngineConfig(prefill_chunk=0)
 
 
+@pytest.mark.parametrize("model_type", ["roberta", "roformer", "mpt", "bart", "bloom"])
+def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type):
+    """Models carrying the prefix in their own cache: RoBERTa numbers positions from padding_idx + 1 (the
+    engine adds the offset); RoFormer, MPT and BART's decoder count positions by cache column and take no
+    position ids, so each request runs in a batch of its own (``rows_alone``); Bloom's ALiBi follows the mask,
+    so its rows share a batch. Mixed prompt lengths, every prefill mode and cache layout."""
+    model = tiny_causal_lm(model_type)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.3, generator=g)
+    model.generation_config.eos_token_id = model.generation_config.forced_eos_token_id = None  # BART forces EOS
+    pm = attach(model, PrefixConfig(prefix_length=3, reparam=False))
+    _randomize(pm, g)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    want = [pm.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]
+    collector = Engine(model)
+    collector.add_prefix("x", pm)
+    kv = collector.prefixes.get("x")
+    pm.detach()
+    model.requires_grad_(False)
+    for config in (EngineConfig(), EngineConfig(prefill="grouped", max_prefill_padding=1e9),
+                   EngineConfig(kv_cache="static"), EngineConfig(kv_cache="dynamic")):
+        engine = _engine(model, {"x": kv}, config)
+        assert engine.rows_alone == (model_type in ("roformer", "mpt", "bart"))
+        assert engine.generate(prompts, SamplingParams(max_new_tokens=6), ["x"] * 3) == want, config
+
+
 def test_prefixes_loaded_from_saved_folders_match_load_generate(tmp_path):
     model = _model("llama", 0)
     g = torch.Generator().manual_seed(0)

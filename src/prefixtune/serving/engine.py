@@ -213,8 +213,14 @@ class Engine:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        #: each request in a batch of its own: a cache-route model that numbers positions by cache column and
+        #: takes no position ids (RoFormer, MPT, BART's decoder, TrOCR) would shift a row's positions whenever
+        #: the rows around it change the batch's length
+        self.rows_alone = (self.spec.route == "cache" and not self.spec.cache_position_ids
+                           and self.spec.position_padding_idx is None and not self.spec.left_padding_exact)
         self.max_context = self.config.max_context or getattr(model.config, "max_position_embeddings", None) or 2**31
-        self.runner = ModelRunner(model, self.device, self.dtype, self.config.kv_cache, self.config.compile_decode)
+        self.runner = ModelRunner(model, self.device, self.dtype, self.config.kv_cache, self.config.compile_decode,
+                                  position_padding_idx=self.spec.position_padding_idx)
         self.prefixes = PrefixRegistry(model, self.spec, self.device, self.dtype, self.max_context - 1,
                                        self.config.max_resident_prefixes)
         #: why joiners are not packed (None: they are); checked once, on this model
@@ -295,8 +301,8 @@ class Engine:
                                  f"max_new_tokens ({params.max_new_tokens}) = {total} exceeds {what} of "
                                  f"{limit} positions")
         gen = Generation(rid, ids, params, prefix, on_event)
-        seq = Sequence(gen, p, kv, make_generator(params, self.device), solo=params.seed is not None
-                       and not params.greedy)
+        seq = Sequence(gen, p, kv, make_generator(params, self.device),
+                       solo=self.rows_alone or (params.seed is not None and not params.greedy))
         try:
             self.scheduler.add(seq)
         except QueueFullError:

@@ -42,8 +42,11 @@ class ModelRunner:
     engine once it knows its layout) compiles them with static shapes instead of dynamic ones."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, prefill_layout: Layout,
-                 compile_mode: str = "off", pad_id: int = 0) -> None:
+                 compile_mode: str = "off", pad_id: int = 0, position_padding_idx: int | None = None) -> None:
         self.model, self.device, self.dtype = model, device, dtype
+        # RoBERTa-like embeddings number positions from padding_idx + 1 (``ModelSpec.position_padding_idx``);
+        # the engine counts from 0 (P_r + index), so every forward adds this to its position ids
+        self.position_offset = 0 if position_padding_idx is None else position_padding_idx + 1
         self.prefill_layout, self.compile_mode, self.pad_id = prefill_layout, compile_mode, pad_id
         self.static_decode = False
         self.decode_model: nn.Module | None = None  # compiled on first use
@@ -58,8 +61,8 @@ class ModelRunner:
                 mode = None if self.compile_mode == "default" else self.compile_mode
                 self.decode_model = torch.compile(self.model, mode=mode, dynamic=not self.static_decode)
             model = self.decode_model
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions + self.position_offset,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def group_prefill(self, kvs: list[torch.Tensor | None], prompts: list[Seq[int]]) -> Rows:
@@ -96,7 +99,8 @@ class ModelRunner:
         ids = torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long, device=self.device)[None]
         last = torch.tensor([s.start + s.length - 1 for s in segments], device=self.device)
         with packed_attention(self.model, segments):
-            out = self.model(input_ids=ids, position_ids=torch.cat(positions).to(self.device)[None],
+            out = self.model(input_ids=ids,
+                             position_ids=torch.cat(positions).to(self.device)[None] + self.position_offset,
                              past_key_values=cache, use_cache=True, logits_to_keep=last)
         logits = out.logits[0].float()
         if logits.shape[0] != len(segments):
