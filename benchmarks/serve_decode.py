@@ -5,10 +5,13 @@
                                       [--context-as-prefix]
 
 For each context length C: --batch prompts of C - --new-tokens random tokens, exactly --new-tokens
-greedy tokens each (EOS ignored), run four ways interleaved round by round: the engine with its
-"preallocated" cache (the default: new columns written in place) and with "dynamic" (transformers'
-DynamicCache, a copy of the cache per step), and ``generate`` with its default cache and with
-``cache_implementation="static"``. Printed, as medians over rounds: end-to-end tokens/s (prefill
+greedy tokens each (EOS ignored), run five ways interleaved round by round: the engine with its
+"preallocated" cache (the default: new columns written in place), with "dynamic" (transformers'
+DynamicCache, a copy of the cache per step) and with "static" (fixed shapes, attending over the whole
+capacity: the layout for CUDA graphs), and ``generate`` with its default cache and with
+``cache_implementation="static"``. --compile MODE compiles the engine's decode step (``compile_decode``;
+"reduce-overhead" captures CUDA graphs on a GPU) for every engine variant; the first round then includes
+the compilation, so use --rounds 3 or more. Printed, as medians over rounds: end-to-end tokens/s (prefill
 included), decode-only tokens/s (batch / the median time of a decode step, from each step's
 timestamp: the engine's ``step()`` calls, ``generate``'s logits-processor calls), and engine /
 best ``generate`` for both (target >= 1.0 on the CPU, >= 10 on a GPU), with the outputs checked equal.
@@ -79,6 +82,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"],
+                    help="compile_decode of the engine variants")
     ap.add_argument("--context-as-prefix", action="store_true",
                     help="the context as a random prefix K/V (no prefill of C tokens): decode alone")
     a = ap.parse_args()
@@ -107,11 +112,16 @@ def main() -> None:
             prompts = torch.randint(3, cfg.vocab_size, (a.batch, context - a.new_tokens), generator=g)
         total = a.batch * a.new_tokens
         outputs: dict[str, list[list[int]]] = {}
+        engines: dict[str, Engine] = {}
 
         def engine_run(layout: str, prompts: torch.Tensor = prompts, kv: torch.Tensor | None = kv,
-                       context: int = context) -> tuple[list[list[int]], list[float]]:
-            engine = Engine(model, EngineConfig(max_batch_size=a.batch, max_prefill_batch=a.batch, kv_cache=layout,
-                                                max_context=context + a.new_tokens + 1))
+                       context: int = context, engines: dict[str, Engine] = engines
+                       ) -> tuple[list[list[int]], list[float]]:
+            engine = engines.get(layout) or Engine(model, EngineConfig(
+                max_batch_size=a.batch, max_prefill_batch=a.batch, kv_cache=layout,
+                max_context=context + a.new_tokens + 1, compile_decode=a.compile))
+            if a.compile != "off":
+                engines[layout] = engine  # keeps its compiled step for the next rounds
             if kv is not None:
                 engine.add_prefix("context", kv)
             gens = [engine.submit(p, params, None if kv is None else "context") for p in prompts.tolist()]
@@ -142,6 +152,7 @@ def main() -> None:
 
         variants = {"engine preallocated": lambda: engine_run("preallocated"),
                     "engine dynamic": lambda: engine_run("dynamic"),
+                    "engine static": lambda: engine_run("static"),
                     "generate default": lambda: hf_run(None)}
         if not a.context_as_prefix:
             variants["generate static"] = lambda: hf_run("static")
@@ -171,9 +182,10 @@ def main() -> None:
             "matmul floor of a decode step (s)": round(floor, 5),
             "matmul floor / decode step": {v: round(floor * x / a.batch, 3) for v, x in dec.items()},
         }
-    print(json.dumps({"setup": {"model": a.model, "batch": a.batch, "new_tokens": a.new_tokens, "rounds": a.rounds,
-                                "threads": torch.get_num_threads(), "device": a.device, "dtype": str(dtype),
-                                "context_as_prefix": a.context_as_prefix}, **results}, indent=2))
+    setup = {"model": a.model, "batch": a.batch, "new_tokens": a.new_tokens, "rounds": a.rounds,
+             "threads": torch.get_num_threads(), "device": a.device, "dtype": str(dtype),
+             "context_as_prefix": a.context_as_prefix, "compile_decode": a.compile}
+    print(json.dumps({"setup": setup, **results}, indent=2))
 
 
 if __name__ == "__main__":
