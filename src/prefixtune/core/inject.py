@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import ModelOutput
 
@@ -62,6 +63,7 @@ SLOT_ATTR = "_prefixtune_slot"
 OWNER_ATTR = "_prefixtune_injection"
 ATTACHED_ATTR = "_prefixtune_attached"
 KWARG = "prefixtune"
+UNWRAPPED_ATTR = "_prefixtune_unwrapped"  # on a layer's checkpoint function that we wrapped: the one it wraps
 BASE_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
@@ -264,8 +266,8 @@ def _make_attention(base: str) -> Callable[..., Any]:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # query: (B, heads, q, head_dim); key/value: (B, kv_heads, kv, head_dim)
         batch: PrefixBatch | None = kwargs.pop(KWARG, None)
-        if batch is None and hasattr(module, OWNER_ATTR):  # a layer that does not pass **kwargs down (StableLM)
-            batch = getattr(module, OWNER_ATTR).current
+        if batch is None and hasattr(module, OWNER_ATTR):  # a layer that does not pass **kwargs down (StableLM,
+            batch = getattr(module, OWNER_ATTR).current  # Nemotron); gradient checkpointing restores it to recompute
         fn = _model_eager(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         if _PROBE is not None:
             _PROBE.append(_record(module, query, key, value, attention_mask, kwargs))
@@ -590,6 +592,7 @@ class Injection:
         setattr(model, ATTACHED_ATTR, True)
         self._hooks = [model.register_forward_pre_hook(self._hook(decoder=spec.kind == "seq2seq"), with_kwargs=True)]
         self._scratch_cache: DynamicCache | None = None
+        self._checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         if spec.route == "cache":
             self._hooks.append(model.register_forward_hook(self._drop_scratch_cache))
         if spec.kind == "seq2seq":
@@ -619,9 +622,36 @@ class Injection:
                     batch = replace(batch, query_visible=visible)
             kwargs[KWARG] = self.current = batch
             self.flex_masks = {}
+            self._wrap_checkpointing()
             return args, kwargs
 
         return hook
+
+    def _wrap_checkpointing(self) -> None:
+        """Gradient checkpointing recomputes a layer in the backward pass, after the call: its forward's keyword
+        arguments carry the prefix again, but a layer that does not pass them down (StableLM, Nemotron) leaves
+        its attention to read ``current``, which the recomputation must find as the forward did. Each layer's
+        checkpoint function (set by ``gradient_checkpointing_enable``, at any time) is wrapped to restore it."""
+        for layer in self._checkpointed:
+            fn = layer.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and not hasattr(fn, UNWRAPPED_ATTR):
+                layer._gradient_checkpointing_func = self._restoring_current(fn)
+
+    def _restoring_current(self, checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            batch = self.current
+
+            def run(*a: Any, **k: Any) -> Any:  # the forward, and again the recomputation
+                previous, self.current = self.current, batch
+                try:
+                    return function(*a, **k)
+                finally:
+                    self.current = previous
+
+            return checkpoint(run, *args, **kwargs)
+
+        setattr(wrapped, UNWRAPPED_ATTR, checkpoint)
+        return wrapped
 
     def _through_cache(self, batch: PrefixBatch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The second route: the prefix as the first P positions of the model's own KV cache (PEFT's way).
@@ -715,9 +745,13 @@ class Injection:
                     delattr(mod, attr)
         for cfg, impl in self._saved_impl:
             cfg._attn_implementation_internal = impl
+        for layer in self._checkpointed:
+            fn = layer.__dict__.get("_gradient_checkpointing_func")
+            if fn is not None and hasattr(fn, UNWRAPPED_ATTR):
+                layer._gradient_checkpointing_func = getattr(fn, UNWRAPPED_ATTR)
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
-        self._hooks, self._tagged, self._saved_impl, self._requires_grad = [], [], [], []
+        self._hooks, self._tagged, self._saved_impl, self._requires_grad, self._checkpointed = [], [], [], [], []
 
 
 def set_attention_implementation(model: nn.Module, base: str) -> None:
