@@ -50,3 +50,20 @@ def test_checkpointed_gradients_equal_plain_gradients(model_type, reentrant):
     assert all(float(g.abs().max()) > 0 for g in grads_a.values())
     for n in grads_a:
         torch.testing.assert_close(grads_b[n], grads_a[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "gptj"])
+def test_cache_route_refuses_checkpointing_in_training_naming_why(model_type):
+    """The cache route's prefix is the layers' KV cache, which checkpointed layers are not given in training:
+    refused with the reason (it failed on a shape mismatch deep in attention before); without it, it trains."""
+    pm = attach(tiny_causal_lm(model_type), PrefixConfig(prefix_length=3, reparam=False))
+    assert pm.spec.route == "cache"
+    ids = torch.randint(4, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    pm.train()
+    pm.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match=r"carries its prefix in the KV cache.*gradient checkpointing"):
+        pm(input_ids=ids, labels=ids)
+    pm.gradient_checkpointing_disable()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    assert float(pm.prefix.stacks["decoder"].table.grad.abs().max()) > 0
+    pm.detach()

@@ -661,6 +661,14 @@ class Injection:
         """
         if batch.infix_start is not None:
             raise ValueError(f"{self.spec.architecture} carries its prefix in the KV cache; infix mode is not possible")
+        dropping = [type(m).__name__ for m in self._checkpointed
+                    if m.gradient_checkpointing and m.training and not m._can_checkpoint_with_cache]
+        if dropping:
+            raise ValueError(
+                f"{self.spec.architecture} carries its prefix in the KV cache, and under gradient checkpointing in "
+                f"training transformers hands each {dropping[0]} no cache (past_key_values=None, so that the "
+                "recomputation does not write it twice): the prefix would not reach attention. Train it without "
+                "gradient checkpointing (gradient_checkpointing_disable())")
         bsz, q_len, device = _batch_and_length(args, kwargs, decoder=False)
         p = batch.kv["decoder"].shape[1]
         cache = kwargs.get("past_key_values")
