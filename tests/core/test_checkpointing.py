@@ -17,8 +17,7 @@ from prefixtune.core.inject import UNWRAPPED_ATTR
 
 def _loss_and_grads(model_type: str, checkpointing: bool, reentrant: bool
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    config = PrefixConfig(prefix_length=3, reparam=not reentrant, reparam_hidden=16)
-    pm = attach(tiny_causal_lm(model_type), config)
+    pm = attach(tiny_causal_lm(model_type), PrefixConfig(prefix_length=3, reparam=True, reparam_hidden=16))
     torch.manual_seed(0)
     pm.prefix.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     pm.train()
@@ -40,9 +39,9 @@ def _loss_and_grads(model_type: str, checkpointing: bool, reentrant: bool
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("model_type", ["stablelm", "nemotron", "llama"])
 def test_checkpointed_gradients_equal_plain_gradients(model_type, reentrant):
-    """Llama passes the prefix down as a keyword; StableLM and Nemotron do not (the case this guards).
-    Non-reentrant (PrefixModel's default) with the reparametrization MLP; reentrant with a flat table (reentrant
-    checkpointing backpropagates through the MLP once per layer, which frees its graph after the first)."""
+    """Llama passes the prefix down as a keyword; StableLM and Nemotron do not. Reentrant checkpointing (not
+    PrefixModel's default) backpropagated through the reparametrization MLP once per layer, and found its graph
+    freed after the first: the prefix is an input of each checkpoint now."""
     loss_a, grads_a = _loss_and_grads(model_type, checkpointing=False, reentrant=reentrant)
     loss_b, grads_b = _loss_and_grads(model_type, checkpointing=True, reentrant=reentrant)
     torch.testing.assert_close(loss_b, loss_a)

@@ -44,6 +44,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -628,27 +629,41 @@ class Injection:
         return hook
 
     def _wrap_checkpointing(self) -> None:
-        """Gradient checkpointing recomputes a layer in the backward pass, after the call: its forward's keyword
-        arguments carry the prefix again, but a layer that does not pass them down (StableLM, Nemotron) leaves
-        its attention to read ``current``, which the recomputation must find as the forward did. Each layer's
-        checkpoint function (set by ``gradient_checkpointing_enable``, at any time) is wrapped to restore it."""
+        """Wrap each layer's checkpoint function (set by ``gradient_checkpointing_enable``, at any time) so that the
+        recomputation of a layer in the backward pass sees the prefix as its forward did (``_checkpoint_with``)."""
         for layer in self._checkpointed:
             fn = layer.__dict__.get("_gradient_checkpointing_func")
             if fn is not None and not hasattr(fn, UNWRAPPED_ATTR):
-                layer._gradient_checkpointing_func = self._restoring_current(fn)
+                layer._gradient_checkpointing_func = self._checkpoint_with(fn)
 
-    def _restoring_current(self, checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    def _checkpoint_with(self, checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+        """``checkpoint(function, *args)`` that hands the call's prefix to the layer, forward and recomputation:
+
+        - the prefix tensors that need gradients are inputs of the checkpoint, so that reentrant checkpointing
+          returns their gradients to the graph outside (else it backpropagates through the reparametrization MLP
+          once per layer and finds its graph freed after the first);
+        - ``current`` is restored while the layer runs, for layers that do not pass the keyword arguments down
+          to attention (StableLM, Nemotron), which read it instead.
+        """
         def wrapped(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             batch = self.current
+            if batch is None or batch.collect is not None:
+                return checkpoint(function, *args, **kwargs)
+            names = [k for k, t in batch.kv.items() if t.requires_grad]
+            n = len(args)
 
-            def run(*a: Any, **k: Any) -> Any:  # the forward, and again the recomputation
-                previous, self.current = self.current, batch
+            def run(*inputs: Any) -> Any:  # the forward, and again the recomputation
+                own = replace(batch, kv={**batch.kv, **dict(zip(names, inputs[n:], strict=True))}) if names else batch
+                layer = function
+                if isinstance(function, partial) and function.keywords.get(KWARG) is batch:
+                    layer = partial(function.func, *function.args, **{**function.keywords, KWARG: own})
+                previous, self.current = self.current, own
                 try:
-                    return function(*a, **k)
+                    return layer(*inputs[:n])
                 finally:
                     self.current = previous
 
-            return checkpoint(run, *args, **kwargs)
+            return checkpoint(run, *args, *(batch.kv[k] for k in names), **kwargs)
 
         setattr(wrapped, UNWRAPPED_ATTR, checkpoint)
         return wrapped
