@@ -28,6 +28,7 @@ token; the static-cache ``generate`` is not run then. The same script runs on a 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import statistics
@@ -95,6 +96,9 @@ def main() -> None:
     cfg = model.config
     g = torch.Generator().manual_seed(a.seed)
     params = SamplingParams(max_new_tokens=a.new_tokens, ignore_eos=True)
+    # generate as the engine's ignore_eos: EOS is a token like any other (min_new_tokens would suppress it instead)
+    no_eos = copy.deepcopy(model.generation_config)
+    no_eos.eos_token_id = no_eos.forced_eos_token_id = None
     results = {}
 
     def sync() -> None:
@@ -145,7 +149,7 @@ def main() -> None:
             clock = _Clock(cuda)
             stamps = [time.perf_counter()]
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
-                                 min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0,
+                                 generation_config=no_eos, do_sample=False, pad_token_id=0,
                                  logits_processor=LogitsProcessorList([clock]), **kwargs)
             sync()
             return out[:, ids.shape[1]:].tolist(), stamps + clock.times
@@ -172,6 +176,12 @@ def main() -> None:
         hf = [v for v in variants if v.startswith("generate")]
         best, best_dec = max(med[v] for v in hf), max(dec[v] for v in hf)
         same = all(outputs[v] == outputs["generate default"] for v in variants)
+        ref = outputs["generate default"]
+        rows_same = {v: sum(mine == theirs for mine, theirs in zip(outputs[v], ref, strict=True)) for v in variants}
+        # where a row first differs (greedy near-ties flip under different batched kernels)
+        first_diff = {v: sorted(next(i for i, (x, y) in enumerate(zip(mine, theirs, strict=True)) if x != y)
+                                for mine, theirs in zip(outputs[v], ref, strict=True) if mine != theirs)
+                      for v in variants}
         floor = matmul_floor(model, a.batch, sync)
         results[f"context {context}"] = {
             "tokens_per_s_median (end to end)": {v: round(x, 1) for v, x in med.items()},
@@ -179,6 +189,8 @@ def main() -> None:
             **{f"{v} / best generate, end to end": round(med[v] / best, 3) for v in variants if v.startswith("engine")},
             **{f"{v} / best generate, decode": round(dec[v] / best_dec, 3) for v in variants if v.startswith("engine")},
             "engine tokens == generate tokens (greedy)": same,
+            f"rows equal to generate default's, of {a.batch}": rows_same,
+            "first differing token of each differing row": {v: d for v, d in first_diff.items() if d},
             "matmul floor of a decode step (s)": round(floor, 5),
             "matmul floor / decode step": {v: round(floor * x / a.batch, 3) for v, x in dec.items()},
         }
