@@ -90,7 +90,8 @@ def test_padded_rows_with_different_prefix_lengths_equal_their_real_tokens(model
 @torch.no_grad()
 def test_beyond_the_sliding_window_flex_equals_sdpa():
     """Past Mistral's window (4 < 9 tokens) the prefix stays visible and the real keys slide, as under sdpa
-    (the meaning chosen for sliding windows): forward and greedy tokens equal sdpa's with the same prefix."""
+    (the meaning chosen for sliding windows): forward, greedy and beam-search tokens equal sdpa's with the same
+    prefix, a left-padded row included."""
     from tiny_models import tiny_config
     from transformers import MistralForCausalLM
 
@@ -106,11 +107,13 @@ def test_beyond_the_sliding_window_flex_equals_sdpa():
     for impl in (FLEX, "sdpa"):
         set_attention_implementation(model, impl)
         runs[impl] = (pm(input_ids=x, attention_mask=mask).logits,
-                      pm.generate(input_ids=x, attention_mask=mask, **GREEDY))
+                      pm.generate(input_ids=x, attention_mask=mask, **GREEDY),
+                      pm.generate(input_ids=x, attention_mask=mask, num_beams=3, **GREEDY))
     pm.detach()
     keep = mask.bool()
     torch.testing.assert_close(runs[FLEX][0][keep], runs["sdpa"][0][keep], atol=1e-5, rtol=1e-5)
     assert torch.equal(runs[FLEX][1], runs["sdpa"][1])
+    assert torch.equal(runs[FLEX][2], runs["sdpa"][2]), "beam search"
 
 
 def test_flex_is_refused_where_untested_and_flash_attention_2_says_why():

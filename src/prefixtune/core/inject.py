@@ -13,12 +13,14 @@ flex_attention (decoder-only models): the wrapper builds a BlockMask over P + kv
 follow each row's prefix and whose real columns keep the model's own mask_mod (causal, padding, sliding
 window), once per model call and mask. Its cost differs by device:
 - CPU: the prefixed attention calls run flex_attention *unfused* (``torch.compiler.set_stance("force_eager")``:
-  the full (B, heads, q, P + kv) score matrix is materialized, as eager attention does; no compile). The
-  compiled CPU kernel is not usable: PyTorch 2.13's CPU inductor template (``cpp_flex_attention_template.py``)
-  renames its kv block-size symbol by string replacement, so a mask_mod that indexes a tensor whose size is
-  dynamic (the prefix-validity table, after ``generate`` has made shapes dynamic) is compiled to C++ naming an
-  undeclared ``cur_kvSplitSize4`` (``CppCompileError``). The calls without a prefix stay as transformers runs them.
-  Training needs another device: PyTorch 2.13 has no flex_attention backward on CPU, fused or not.
+  the full (B, heads, q, P + kv) score matrix is materialized, as eager attention does; no compile). A 2-layer,
+  width-128 Llama, 2 x 256 tokens, P = 16, one thread: 131 ms a forward, BlockMask included, against 47 (sdpa)
+  and 57 (eager). The compiled CPU kernel is not usable: PyTorch 2.13's CPU inductor template
+  (``cpp_flex_attention_template.py``) renames its kv block-size symbol by string replacement, so a mask_mod
+  that indexes a tensor whose size is dynamic (the prefix-validity table, once ``generate`` has made shapes
+  dynamic) is compiled to C++ naming an undeclared ``cur_kvSplitSize4`` (``CppCompileError``). The calls
+  without a prefix stay as transformers runs them. Training needs another device: PyTorch 2.13 has no
+  flex_attention backward on CPU, fused or not.
 - other devices: transformers' compiled flex_attention, unchanged, with the extended BlockMask.
 Building the extended BlockMask evaluates its mask_mod over B x q x (P + kv) (``create_block_mask``,
 uncompiled) once per model call, shared by the layers that share the model's mask.
