@@ -28,7 +28,6 @@ token; the static-cache ``generate`` is not run then. The same script runs on a 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import statistics
@@ -96,9 +95,6 @@ def main() -> None:
     cfg = model.config
     g = torch.Generator().manual_seed(a.seed)
     params = SamplingParams(max_new_tokens=a.new_tokens, ignore_eos=True)
-    # generate as the engine's ignore_eos: EOS is a token like any other (min_new_tokens would suppress it instead)
-    no_eos = copy.deepcopy(model.generation_config)
-    no_eos.eos_token_id = no_eos.forced_eos_token_id = None
     results = {}
 
     def sync() -> None:
@@ -149,7 +145,8 @@ def main() -> None:
             clock = _Clock(cuda)
             stamps = [time.perf_counter()]
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
-                                 generation_config=no_eos, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None, do_sample=False, pad_token_id=0,  # EOS an ordinary token,
+                                 # as the engine's ignore_eos (min_new_tokens would suppress it instead)
                                  logits_processor=LogitsProcessorList([clock]), **kwargs)
             sync()
             return out[:, ids.shape[1]:].tolist(), stamps + clock.times
