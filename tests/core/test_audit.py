@@ -62,6 +62,32 @@ def test_eager_without_a_mask_blocks_shorter_prefix_rows_like_sdpa(name):
     torch.testing.assert_close(outs["eager"], outs["sdpa"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_bf16_rows_with_shorter_prefixes_and_padding_equal_each_row_alone(attn):
+    """bfloat16, Llama: a batch of a full-prefix row and a left-padded row whose prefix is shorter gives each row's
+    logits alone, to bf16 rounding (the bool mask once added +1/+0 to eager scores: far beyond it)."""
+    pm = attach(tiny("llama", attn=attn), PrefixConfig(prefix_length=4, reparam=False))
+    _randomize(pm)
+    pm.base.to(torch.bfloat16)
+    pm.prefix.to(torch.bfloat16)
+    ids = _ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # row 1 left-padded by 2
+    kv = {k: v.expand(2, *v.shape[1:]) for k, v in pm.prefix_batch().kv.items()}
+    valid = torch.tensor([[True] * 4, [False, False, True, True]])
+    with pm.injection.active(PrefixBatch(kv=kv, valid=valid)):
+        both = pm.base(input_ids=ids, attention_mask=mask).logits.float()
+    full = pm.prefix_batch().kv
+    with pm.injection.active(PrefixBatch(kv=full)):
+        first = pm.base(input_ids=ids[:1]).logits.float()
+    with pm.injection.active(PrefixBatch(kv={k: v[:, 2:] for k, v in full.items()})):
+        second = pm.base(input_ids=ids[1:, 2:]).logits.float()
+    scale = first.abs().max().item()
+    torch.testing.assert_close(both[:1], first, atol=2e-2 * scale, rtol=0)
+    torch.testing.assert_close(both[1:, 2:], second, atol=2e-2 * scale, rtol=0)
+
+
 @torch.no_grad()
 def test_inputs_embeds_without_input_ids_equals_input_ids():
     """Decoder-only forward and generate from inputs_embeds alone (the pre-hook crashed with IndexError)."""
