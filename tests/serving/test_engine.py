@@ -461,6 +461,11 @@ def test_static_layout_decodes_in_a_few_fixed_shapes_and_keeps_its_buffers(monke
     for (slots, one), (_, _, _, capacity) in distinct:
         assert one == 1 and slots & (slots - 1) == 0 and capacity & (capacity - 1) == 0 and capacity >= 64
     assert len(engine._shared) == 0 and engine._shared.cache is not None  # kept for the next requests
+    long = [SamplingParams(max_new_tokens=80, ignore_eos=True), SamplingParams(max_new_tokens=5, ignore_eos=True)]
+    prompts, names = [work[0][0], work[1][0]], [work[0][1], work[1][1]]
+    want = _engine(model, prefixes).generate(prompts, long, names)  # the preallocated layout
+    assert engine.generate(prompts, long, names) == want
+    assert engine._shared.cache.shape[1] == 128  # the columns doubled as the long row grew past 64
 
 
 def test_static_layout_is_refused_where_it_would_not_be_exact():

@@ -130,12 +130,14 @@ class StaticBatch:
     additive (slots, capacity) mask in the model's dtype (0 on real columns, the dtype's minimum elsewhere).
 
     Every decode step feeds all slots (free ones too: a dummy token, masked everywhere) at their own write
-    column, so the shapes change only when a join needs more slots or columns (each doubles: a handful of
-    shapes per run). Joining rows are copied into free slots; leaving rows only free theirs."""
+    column, so the shapes change only when a join needs more slots or a row outgrows the columns (each
+    doubles: a handful of shapes per run). Joining rows are copied into free slots; leaving rows only free
+    theirs."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.rows: list[Sequence] = []
         self.slots: list[int] = []
+        self.ends: list[int] = []  # each row's write column (its real columns), kept here: no device sync
         self.cache: SlotCache | None = None
         self.bias: torch.Tensor | None = None
         self.dtype = dtype
@@ -146,18 +148,13 @@ class StaticBatch:
     def join(self, rows: list[Sequence], cache: object, mask: torch.Tensor) -> None:
         """Copy prefilled ``rows`` (their cache, (R, L) mask of real columns) into free slots."""
         columns = [m.nonzero().flatten() for m in mask]
-        need = max(len(c) + r.gen.params.max_new_tokens for c, r in zip(columns, rows, strict=True))
-        slots, capacity = len(self.rows) + len(rows), need
+        need = max(len(c) for c in columns) + 1  # room for each row's next token
         if self.cache is None:
-            self.cache = SlotCache(cache, _bucket(slots, 1), _bucket(capacity, 64))
+            self.cache = SlotCache(cache, _bucket(len(rows), 1), _bucket(need, 64))
             self.bias = torch.full(self.cache.shape, torch.finfo(self.dtype).min, dtype=self.dtype,
                                    device=mask.device)
-        elif slots > self.cache.shape[0] or capacity > self.cache.shape[1]:
-            old = self.cache.shape
-            self.cache = self.cache.grown(_bucket(slots, old[0]), _bucket(capacity, old[1]))
-            bias = torch.full(self.cache.shape, torch.finfo(self.dtype).min, dtype=self.dtype, device=mask.device)
-            bias[:old[0], :old[1]] = self.bias
-            self.bias = bias
+        else:
+            self._grow(len(self.rows) + len(rows), need)
         free = sorted(set(range(self.cache.shape[0])) - set(self.slots))
         for i, (seq, cols) in enumerate(zip(rows, columns, strict=True)):
             slot = free[i]
@@ -166,10 +163,23 @@ class StaticBatch:
             self.bias[slot, :len(cols)] = 0
             self.rows.append(seq)
             self.slots.append(slot)
+            self.ends.append(len(cols))
+
+    def _grow(self, slots: int, columns: int) -> None:
+        """At least ``slots`` slots of ``columns`` columns (each doubled as needed: new buffers, new shapes)."""
+        old = self.cache.shape
+        if slots <= old[0] and columns <= old[1]:
+            return
+        self.cache = self.cache.grown(_bucket(slots, old[0]), _bucket(columns, old[1]))
+        bias = torch.full(self.cache.shape, torch.finfo(self.dtype).min, dtype=self.dtype, device=self.bias.device)
+        bias[:old[0], :old[1]] = self.bias
+        self.bias = bias
 
     def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids (S, 1), positions (S, 1), mask (S, 1, 1, capacity)) for every slot; a row's new column is
-        made visible first (its position: the count of its real columns, i.e. its write column)."""
+        made visible first (its position: the count of its real columns, i.e. its write column). The
+        capacity doubles when a row's next column would pass it (rows grow as they decode, not up front)."""
+        self._grow(len(self.rows), max(self.ends) + 1)
         write = self.cache.write
         ids = torch.zeros(len(write), 1, dtype=torch.long, device=write.device)
         live = torch.tensor(self.slots, dtype=torch.long, device=write.device)
@@ -180,6 +190,7 @@ class StaticBatch:
     def decoded(self, mask: torch.Tensor) -> None:
         """The forward wrote one column per slot; the live slots move on (free slots stay at column 0)."""
         self.cache.write[torch.tensor(self.slots, dtype=torch.long, device=mask.device)] += 1
+        self.ends = [e + 1 for e in self.ends]
 
     def select(self, logits: torch.Tensor) -> torch.Tensor:
         """The rows' logits (len(rows), V) out of the slots' (S, V)."""
@@ -195,10 +206,11 @@ class StaticBatch:
             self.cache.write[self.slots[i]] = 0
         self.rows = [self.rows[i] for i in keep]
         self.slots = [self.slots[i] for i in keep]  # the buffers stay (a compiled step keeps its addresses)
+        self.ends = [self.ends[i] for i in keep]
 
     def clear(self) -> list[Sequence]:
         """Empty the batch (its buffers are released); returns the rows it held."""
-        rows, self.rows, self.slots, self.cache, self.bias = self.rows, [], [], None, None
+        rows, self.rows, self.slots, self.ends, self.cache, self.bias = self.rows, [], [], [], None, None
         return rows
 
 
