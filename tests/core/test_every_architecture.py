@@ -25,12 +25,13 @@ SUPPORTED = [  # docs/support.md, "supported"
     "gpt_bigcode", "gpt_neo", "gpt_neox", "gpt_neox_japanese", "gpt_oss", "gptj", "granite", "granite_swa",
     "granitemoe", "granitemoe_swa", "granitemoeshared", "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3",
     "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe", "kolibri1", "laguna", "lfm2", "llama",
-    "llama4_text", "longcat_flash", "marian", "mbart", "mellum", "mimo_v2_flash", "minicpm3", "minimax_m2",
-    "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral", "mllama", "modernbert-decoder", "moshi",
-    "moss_transcribe_diarize", "mpt", "mvp", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "opt",
-    "pegasus", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "plbart", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "seed_oss", "smollm3", "solar_open",
-    "stablelm", "starcoder2", "trocr", "vaultgemma", "whisper", "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
+    "llama4_text", "longcat_flash", "marian", "mbart", "megatron-bert", "mellum", "mimo_v2_flash", "minicpm3",
+    "minimax_m2", "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral", "mllama",
+    "modernbert-decoder", "moshi", "moss_transcribe_diarize", "mpt", "mvp", "nanochat", "nemotron", "olmo", "olmo2",
+    "olmo3", "olmoe", "opt", "pegasus", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "plbart", "qwen2",
+    "qwen2_moe", "qwen3", "qwen3_moe", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer",
+    "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2", "trocr", "vaultgemma", "whisper", "xglm",
+    "xlm-roberta", "xlm-roberta-xl", "youtu",
 ]
 
 # Refused, each with the reason its error gives (a representative of each reason).

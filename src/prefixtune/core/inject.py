@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -403,6 +403,12 @@ def record_attention_calls(model: nn.Module, **inputs: Any) -> list[AttentionCal
 
 
 @torch.no_grad()
+def _self_attention_cache(cache: Any) -> Any:
+    """The cache of a decoder's self-attention: ``cache`` itself, or the self-attention half of the
+    ``EncoderDecoderCache`` that BERT-style decoders (RemBERT, MegatronBERT) keep without an encoder."""
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+
 def record_cache_shapes(model: nn.Module, **inputs: Any) -> list[tuple[int, int, int, int]]:
     """Run ``model(**inputs, use_cache=True)`` once; each cached layer's (key heads, key dim, value heads, value dim).
 
@@ -416,6 +422,8 @@ def record_cache_shapes(model: nn.Module, **inputs: Any) -> list[tuple[int, int,
     finally:
         model.train(was_training)
     cache = getattr(out, "past_key_values", None)
+    if isinstance(cache, EncoderDecoderCache) and cache.cross_attention_cache.get_seq_length() == 0:
+        cache = _self_attention_cache(cache)  # a BERT-style decoder (RemBERT, MegatronBERT) without an encoder
     if not isinstance(cache, DynamicCache):
         return []
     layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
@@ -690,7 +698,7 @@ class Injection:
         p = batch.kv["decoder"].shape[1]
         cache = kwargs.get("past_key_values")
         if cache is None or int(cache.get_seq_length()) == 0:
-            if cache is not None and not isinstance(cache, DynamicCache):
+            if cache is not None and not isinstance(_self_attention_cache(cache), DynamicCache):
                 raise ValueError(f"{self.spec.architecture} carries its prefix in the KV cache; "
                                  f"{type(cache).__name__} is not supported there (use the default DynamicCache)")
             wanted = kwargs.get("use_cache")
@@ -698,7 +706,7 @@ class Injection:
                 self._scratch_cache = cache = DynamicCache()  # the call keeps no cache: it is not returned (MPT's
                 # generate feeds the whole sequence each step and would otherwise get the prefix's cache back)
             cache = cache if cache is not None else DynamicCache()
-            _fill_cache(cache, batch, bsz)
+            _fill_cache(_self_attention_cache(cache), batch, bsz)
             kwargs["past_key_values"] = cache
             kwargs["use_cache"] = True
         past = int(cache.get_seq_length())
@@ -753,7 +761,8 @@ class Injection:
         store: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         if self.spec.route == "cache":
             out = self.model(**inputs, use_cache=True)
-            return {("decoder", i): (layer.keys, layer.values) for i, layer in enumerate(out.past_key_values.layers)}
+            layers = _self_attention_cache(out.past_key_values).layers
+            return {("decoder", i): (layer.keys, layer.values) for i, layer in enumerate(layers)}
         with self.active(PrefixBatch(kv={}, collect=store)):
             self.model(**inputs, use_cache=False)
         return store
