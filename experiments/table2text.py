@@ -140,7 +140,7 @@ def collect(root: Path) -> list[dict[str, Any]]:
 
 
 def _row(root: Path, spec: RunSpec, scorer: Any) -> dict[str, Any] | None:
-    """The CSV row of a finished run (None if it has not finished), floats to 4 digits."""
+    """The CSV row of a finished run (None if it has not finished)."""
     result = load(root, spec)
     if result is None:
         return None
@@ -151,7 +151,8 @@ def _row(root: Path, spec: RunSpec, scorer: Any) -> dict[str, Any] | None:
     for subset, scores in rescored(spec, result, "test", scorer).items():
         for name, value in scores.items():
             row[f"test_{subset}_{name}"] = value
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    return {k: round(v, 4) if isinstance(v, float) and k.startswith(("test_", "train_loss")) else v
+            for k, v in row.items()}  # metrics to 4 decimals; the learning rate (5e-05) as it is
 
 
 def main() -> None:
