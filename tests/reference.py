@@ -145,8 +145,9 @@ def real_token_equivalence(model, x_len: int = 5, new_tokens: int = 4, atol: flo
     from prefixtune import PrefixConfig, attach
 
     tok = IdTokenizer()
-    t0 = tok(INIT_WORDS)["input_ids"]
-    x = torch.randint(4, 84, (1, x_len), generator=torch.Generator().manual_seed(3))
+    device = next(model.parameters()).device  # the check runs where the model is (the CUDA tests)
+    t0 = tok(INIT_WORDS)["input_ids"].to(device)
+    x = torch.randint(4, 84, (1, x_len), generator=torch.Generator().manual_seed(3)).to(device)
     full = torch.cat([t0, x], dim=1)
     ref_logits = model(input_ids=full).logits[:, t0.shape[1]:].float()
     kw = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}

@@ -130,25 +130,6 @@ def test_flex_is_refused_where_untested_and_flash_attention_2_says_why():
         attach(llama, PrefixConfig(prefix_length=2))
 
 
-@torch.no_grad()
-def _real_tokens_on(model: torch.nn.Module, device: torch.device) -> None:
-    """``reference.real_token_equivalence`` on ``device``: logits of x and greedy tokens equal [t0; x]'s."""
-    tok = IdTokenizer()
-    t0 = tok(INIT_WORDS)["input_ids"].to(device)
-    x = torch.randint(4, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3)).to(device)
-    full = torch.cat([t0, x], dim=1)
-    ref = model(input_ids=full).logits[:, t0.shape[1]:].float()
-    ref_tokens = model.generate(input_ids=full, attention_mask=torch.ones_like(full), **GREEDY)[:, full.shape[1]:]
-    pm = attach(model, PrefixConfig(init=f"text:{INIT_WORDS}", reparam=False), tok)
-    try:
-        logits = pm(input_ids=x).logits.float()
-        tokens = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), **GREEDY)[:, x.shape[1]:]
-    finally:
-        pm.detach()
-    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
-    assert torch.equal(tokens, ref_tokens)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "mistral"])
 def test_cuda_compiled_flex_equals_real_tokens(model_type):
@@ -157,7 +138,7 @@ def test_cuda_compiled_flex_equals_real_tokens(model_type):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     device = torch.device("cuda")
-    _real_tokens_on(tiny_causal_lm(model_type, attn=FLEX).to(device), device)
+    real_token_equivalence(tiny_causal_lm(model_type, attn=FLEX).to(device))
     _rows_equal_their_real_tokens(tiny_causal_lm(model_type, attn=FLEX).to(device), device)
 
 
