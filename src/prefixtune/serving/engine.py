@@ -241,7 +241,7 @@ class Engine:
         self.layout = "preallocated" if self.static_refused is not None else self.config.kv_cache
         self.runner.static_decode = self.layout == "static"
         self._shared = self._new_batch()  # every row that may share a batch
-        self._solo: list[RunningBatch] = []  # one batch per seeded row
+        self._solo: list[RunningBatch | StaticBatch] = []  # one batch per seeded row (or per row: rows_alone)
         self._chunked: list[ChunkedPrefill] = []  # long prompts being prefilled, oldest first
         # every key exists from the start, so that stats() can copy the dict while the loop counts
         self._counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
