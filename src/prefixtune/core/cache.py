@@ -38,7 +38,7 @@ from prefixtune.core.kv import layer_kv
 #: joining request is written into free rows, a leaving one is replaced by the last row (only that row is
 #: copied), and columns left all padding are dropped by moving the window's start (no copy). The buffers
 #: are copied only when they must grow (capacity doubled: amortized O(1) per token). "static" decodes in a
-#: ``StaticCache`` of fixed shape (slots, kv_heads, capacity, head_dim) whose rows are slots, each row
+#: ``SlotCache`` of fixed shape (slots, kv_heads, capacity, head_dim) whose rows are slots, each row
 #: left-aligned with its own write column: every decode step has the same shapes (what CUDA graphs and
 #: ``torch.compile`` without dynamic shapes need), at the price of attending over the whole capacity; its
 #: prefill caches are "preallocated" ones, copied into slots when their rows join.
