@@ -68,12 +68,11 @@ def test_spec_reads_gqa_and_explicit_head_dim():
 
 
 def test_model_without_attention_interface_is_refused_naming_class_and_reason():
-    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+    from tiny_models import tiny_causal_lm
 
-    # OpenAI GPT computes attention in its own module (no ALL_ATTENTION_FUNCTIONS call) and keeps no KV cache
-    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    with pytest.raises(ValueError, match=r"OpenAIGPTLMHeadModel.*model_type='openai-gpt'.*attention interface"):
-        attach(model)
+    # XLM computes attention in its own module (no ALL_ATTENTION_FUNCTIONS call), keeps no KV cache, has no shim
+    with pytest.raises(ValueError, match=r"XLMWithLMHeadModel.*model_type='xlm'.*attention interface"):
+        attach(tiny_causal_lm("xlm"))
 
 
 @pytest.mark.parametrize("attn", ATTN)

@@ -194,6 +194,11 @@ def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type
         assert engine.generate(prompts, SamplingParams(max_new_tokens=6), ["x"] * 3) == want, config
 
 
+def test_a_model_without_a_kv_cache_is_refused_by_the_engine():
+    with pytest.raises(ValueError, match="OpenAIGPTLMHeadModel keeps none"):
+        Engine(tiny_causal_lm("openai-gpt"))
+
+
 def test_prefixes_loaded_from_saved_folders_match_load_generate(tmp_path):
     model = _model("llama", 0)
     g = torch.Generator().manual_seed(0)

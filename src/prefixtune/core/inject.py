@@ -332,6 +332,53 @@ def register_attention() -> None:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
+# ----------------------------------------------------------------------------- legacy attention (shims)
+
+
+def _openai_gpt_attn(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, output_attentions: bool = False) -> list[Any]:
+    """OpenAI GPT's ``Attention._attn`` through the attention interface (``prefixtune_sdpa``), so that a prefix
+    reaches it. q, v: (B, heads, T, d); k arrives transposed, (B, heads, d, T); its causal mask is the module's
+    ``bias`` buffer (1/0, top-left), masked at -1e4 as the module does, plus the model's additive mask. Returns
+    [(B, heads, T, d)] as the module's own does (the weights are not computed: sdpa)."""
+    t = q.shape[-2]
+    mask = (1.0 - module.bias[:, :, :t, :t].to(q.dtype)) * -1e4
+    if attention_mask is not None:
+        mask = mask + attention_mask
+    scaling = 1.0 / float(v.shape[-1]) ** 0.5 if module.scale else 1.0
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, q, k.transpose(-1, -2), v, mask, scaling=scaling,
+        dropout=module.attn_dropout.p if module.training else 0.0)
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on OpenAI GPT (sdpa computes no weights)")
+    return [out.transpose(1, 2)]
+
+
+#: Attention modules that compute attention inside themselves, each routed through the interface by a shim
+#: that replaces one method with the same arithmetic (module class path -> (method, shim)).
+LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
+    "transformers.models.openai.modeling_openai.Attention": ("_attn", _openai_gpt_attn),
+}
+
+
+def install_shims(model: nn.Module) -> list[nn.Module]:
+    """Route ``model``'s legacy attention modules (``LEGACY_ATTENTION``) through the interface; returns them."""
+    register_attention()
+    shimmed = []
+    for m in model.modules():
+        entry = LEGACY_ATTENTION.get(f"{type(m).__module__}.{type(m).__name__}")
+        if entry is not None and entry[0] not in m.__dict__:
+            setattr(m, entry[0], partial(entry[1], m))
+            shimmed.append(m)
+    return shimmed
+
+
+def remove_shims(modules: list[nn.Module]) -> None:
+    """Give shimmed modules their own method back."""
+    for m in modules:
+        m.__dict__.pop(LEGACY_ATTENTION[f"{type(m).__module__}.{type(m).__name__}"][0], None)
+
+
 # ----------------------------------------------------------------------------- probing
 
 
@@ -392,10 +439,12 @@ def record_attention_calls(model: nn.Module, **inputs: Any) -> list[AttentionCal
     was_training, calls = model.training, []
     model.eval()
     _PROBE = calls
+    shimmed = install_shims(model)
     try:
         model(**inputs, use_cache=False)
     finally:
         _PROBE = None
+        remove_shims(shimmed)
         model.train(was_training)
         for cfg, impl in saved:
             cfg._attn_implementation_internal = impl
@@ -604,6 +653,7 @@ class Injection:
         self._hooks = [model.register_forward_pre_hook(self._hook(decoder=spec.kind == "seq2seq"), with_kwargs=True)]
         self._scratch_cache: DynamicCache | None = None
         self._checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self._shimmed = install_shims(model)  # legacy attention modules, through the interface while attached
         if spec.route == "cache":
             self._hooks.append(model.register_forward_hook(self._drop_scratch_cache))
         if spec.kind == "seq2seq":
@@ -785,6 +835,8 @@ class Injection:
                 layer._gradient_checkpointing_func = getattr(fn, UNWRAPPED_ATTR)
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
+        remove_shims(getattr(self, "_shimmed", []))
+        self._shimmed = []
         self._hooks, self._tagged, self._saved_impl, self._requires_grad, self._checkpointed = [], [], [], [], []
 
 

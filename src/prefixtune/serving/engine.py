@@ -59,6 +59,7 @@ batch.py, runner.py (the model's forwards and the checks of the fast paths) and 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import threading
@@ -204,6 +205,9 @@ class Engine:
         self.spec = read_spec(model)
         if self.spec.kind != "causal":
             raise ValueError(f"the engine serves decoder-only models; {self.spec.architecture} is {self.spec.kind}")
+        if "past_key_values" not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"the engine decodes from a KV cache, and {self.spec.architecture} keeps none (its "
+                             "forward takes no past_key_values); generate with PrefixModel.generate instead")
         self.window = sliding_window_of(model)
         self.model = model.eval()
         self.config = config or EngineConfig()
