@@ -25,6 +25,10 @@ window), once per model call and mask. Its cost differs by device:
 Building the extended BlockMask evaluates its mask_mod over B x q x (P + kv) (``create_block_mask``,
 uncompiled) once per model call, shared by the layers that share the model's mask.
 
+Attention modules that compute attention inside themselves and keep no cache (OpenAI GPT) get a shim while
+attached (``LEGACY_ATTENTION``): their attention method is replaced by the same arithmetic through the
+interface, so the wrapper above reaches them too (and the probe of ``read_spec`` sees them).
+
 Because the prefix travels as a keyword argument and never through the KV cache:
 - ``generate`` (greedy, sampling, beam search, any cache) sees it on every step;
 - gradient checkpointing recomputes layers with the same prefix;
