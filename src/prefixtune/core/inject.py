@@ -455,13 +455,13 @@ def record_attention_calls(model: nn.Module, **inputs: Any) -> list[AttentionCal
     return calls
 
 
-@torch.no_grad()
 def _self_attention_cache(cache: Any) -> Any:
     """The cache of a decoder's self-attention: ``cache`` itself, or the self-attention half of the
     ``EncoderDecoderCache`` that BERT-style decoders (RemBERT, MegatronBERT) keep without an encoder."""
     return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
 
 
+@torch.no_grad()
 def record_cache_shapes(model: nn.Module, **inputs: Any) -> list[tuple[int, int, int, int]]:
     """Run ``model(**inputs, use_cache=True)`` once; each cached layer's (key heads, key dim, value heads, value dim).
 
