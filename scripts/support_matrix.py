@@ -1,13 +1,15 @@
-"""Write docs/support.md: every causal-LM model type of the installed transformers, supported or refused.
+"""Write docs/support.md: every causal-LM and encoder model type of the installed transformers, supported or refused.
 
 For each type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random model is built from its config
 (``tests/tiny_models.tiny_causal_lm``: 2 layers, width 32) and checked against the real-token rule
 (``tests/reference.real_token_equivalence``: logits and greedy tokens of a prefix initialized from
 t0's own K/V equal the base model's after [t0; x]). Beside it, PEFT's prefix tuning is run on the same
 tiny model (forward + 2 greedy tokens without an exception; PEFT makes no equivalence claim).
-Each type runs in its own forked process (memory and time limits), one at a time.
+Then every encoder family is checked for P-tuning v2 (``check_encoder``). Each type runs in its own forked
+process (memory and time limits), one at a time.
 
-    .venv/bin/python scripts/support_matrix.py [--out docs/support.md] [--types llama gpt2 ...]
+    .venv/bin/python scripts/support_matrix.py [--out docs/support.md] [--json raw.json]
+    .venv/bin/python scripts/support_matrix.py --merge raw.json --types diffllama --encoder-types mpnet
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+from transformers.models.auto.modeling_auto import (  # noqa: E402
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 TEST = "tests/core/test_every_architecture.py::test_prefix_from_real_tokens_equals_those_tokens"
 
@@ -39,9 +44,11 @@ DECISIONS = [
     "- attention through transformers' attention interface: the prefix is put in front of each layer's keys and",
     "  values inside the attention call; K/V heads and head dims are read from the tensors of one probe forward",
     "  (GQA, fused QKV, MLA's differing K and V dims, per-layer dims);",
-    "- attention computed inside a module of its own with no KV cache (OpenAI GPT): a shim in `core/inject.py`",
-    "  (`LEGACY_ATTENTION`) replaces its attention method by the same arithmetic through the interface while the",
-    "  prefix is attached;",
+    "- attention computed inside a module of its own (OpenAI GPT, XLM; the encoders below): a shim in",
+    "  `core/shims.py` (`LEGACY_ATTENTION`) replaces its attention method by the same arithmetic through the",
+    "  interface while the prefix is attached;",
+    "- one module making several attention calls over one K/V (DiffLlama's two softmaxes over a split V): the",
+    "  model's own cache, which holds that K/V once, carries the prefix (the cache route below);",
     "- decoder-only models outside the interface, or whose positions do not come from `position_ids`: the prefix",
     "  is written into the model's own `DynamicCache` as P past positions (PEFT's route);",
     "  The cache route keeps the model's attention implementation as it was (Falcon reads its name), hands no",
@@ -89,6 +96,10 @@ def _reason(message: str) -> str:
         return "recurrent / hybrid layers"
     if "called more than once" in message:
         return "shared layers"
+    if "no token embedding table" in message:
+        return "no token embedding table"
+    if "the probe forward" in message:
+        return "fails on a short input"
     if "attn_implementation" in message:
         return "attention implementation"
     return "fails the real-token check" if message.startswith("AssertionError") else "error"
@@ -121,6 +132,75 @@ def check(model_type: str) -> dict:
     except Exception as exc:
         out["status"], out["reason"] = "fails", f"{type(exc).__name__}: {str(exc)[:240]}"
     out["peft"] = _peft(model_type)
+    return out
+
+
+ENCODER_TEST = "tests/core/test_encoders_by_mechanism.py"
+
+
+def encoder_types() -> list[str]:
+    """Encoder families: sequence-classification types that also have a masked-LM head, not encoder-decoders."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    both = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) & set(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return [t for t in sorted(both) if not getattr(AutoConfig.for_model(t), "is_encoder_decoder", False)]
+
+
+def check_encoder(model_type: str) -> dict:
+    """One encoder type, as a classifier (P-tuning v2): disabled = base, a padded row = the row alone, the
+    prefix changes the logits; beside it PEFT's prefix tuning (SEQ_CLS)."""
+    import warnings
+
+    from tiny_models import VOCAB, tiny_config
+
+    from prefixtune import PrefixConfig, attach
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out: dict = {"class": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[model_type]}
+    ids = torch.randint(4, VOCAB - 6, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+
+    def build():
+        torch.manual_seed(0)
+        return getattr(transformers, out["class"])(tiny_config(model_type)).eval()
+
+    try:
+        with torch.no_grad():
+            model = build()
+            base = model(input_ids=ids, attention_mask=mask).logits
+    except Exception as exc:
+        out["build"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return out
+    try:
+        pm = attach(model, PrefixConfig(prefix_length=3, reparam=False))
+        if pm.spec.kind != "encoder":
+            raise ValueError(f"read as {pm.spec.kind}, not as an encoder")
+        with torch.no_grad():
+            with pm.disabled():
+                off = float((pm(input_ids=ids, attention_mask=mask).logits - base).abs().max())
+            pm.prefix.stacks["encoder"].table.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+            both = pm(input_ids=ids, attention_mask=mask).logits
+            alone = pm(input_ids=ids[1:, :3], attention_mask=mask[1:, :3]).logits
+        pad, change = float((both[1:] - alone).abs().max()), float((both - base).abs().max())
+        out["result"] = {"disabled": off, "padded_row": pad, "change": change}
+        ok = off < 1e-4 and pad < 1e-4 and change > 1e-3
+        out["status"] = "supported" if ok else "fails"
+        if not ok:
+            out["reason"] = f"disabled {off:.1e}, padded row {pad:.1e}, change {change:.1e}"
+    except ValueError as exc:
+        out["status"], out["reason"] = "refused", str(exc)[:300]
+    except Exception as exc:
+        out["status"], out["reason"] = "fails", f"{type(exc).__name__}: {str(exc)[:240]}"
+    try:
+        from peft import PrefixTuningConfig, get_peft_model
+
+        get_peft_model(build(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))(
+            input_ids=ids, attention_mask=mask)
+        out["peft"] = "runs"
+    except Exception as exc:
+        out["peft"] = f"fails ({type(exc).__name__})"
     return out
 
 
@@ -163,7 +243,7 @@ def forked(fn, arg: str, timeout: int = 120, mem_gb: int = 8) -> dict:
     return json.loads(b"".join(chunks)) if chunks else {"build": f"killed (over {timeout} s or {mem_gb} GiB)"}
 
 
-def render(results: dict[str, dict]) -> str:
+def render(results: dict[str, dict], encoders: dict[str, dict]) -> str:
     built = {t: r for t, r in results.items() if "build" not in r}
     counts = Counter(r["status"] for r in built.values())
     reasons = Counter(_reason(r["reason"]) for r in built.values() if r["status"] != "supported")
@@ -188,13 +268,61 @@ def render(results: dict[str, dict]) -> str:
         "| model type | class | prefixtune | reason | PEFT prefix tuning |",
         "|---|---|---|---|---|",
     ]
+    lines += _rows(results)
+    return "\n".join(lines + render_encoders(encoders)) + "\n"
+
+
+def _rows(results: dict[str, dict]) -> list[str]:
+    lines = []
     for t, r in sorted(results.items()):
         if "build" in r:
             lines.append(f"| {t} | {r.get('class', '')} | not built | {_cell(r['build'])} | |")
         else:
             reason = "" if r["status"] == "supported" else _cell(r["reason"])
             lines.append(f"| {t} | {r['class']} | {r['status']} | {reason} | {r['peft']} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def render_encoders(results: dict[str, dict]) -> list[str]:
+    """The encoder section: P-tuning v2 on every encoder family (sequence classification)."""
+    if not results:
+        return []
+    built = {t: r for t, r in results.items() if "build" not in r}
+    counts = Counter(r["status"] for r in built.values())
+    reasons = Counter(_reason(r["reason"]) for r in built.values() if r["status"] != "supported")
+    peft = sum(r["peft"] == "runs" for r in built.values())
+    both = sum(r["status"] == "supported" and r["peft"] == "runs" for r in built.values())
+    return [
+        "",
+        "## Encoders (P-tuning v2)",
+        "",
+        f"Of {len(results)} encoder model types (sequence classification with a masked-LM head, not",
+        f"encoder-decoders), {len(built)} build from a tiny config. Of those:",
+        "",
+        f"- **supported: {counts['supported']}**: as a classifier with a prefix in every layer, disabled it gives",
+        "  the base logits, a padded row gives the row alone and the prefix changes the logits (every layer",
+        f"  against a hand-written attention in `{ENCODER_TEST}` for the shimmed families, and in",
+        "  `tests/core/test_encoders.py` for BERT / DistilBERT);",
+        f"- refused: {counts['refused']}, with the reason in the error; fails the check: {counts['fails']};",
+        "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";",
+        f"- PEFT {_peft_version()} prefix tuning (SEQ_CLS) runs on {peft} of them ({both} of those also "
+        "supported here).",
+        "",
+        "Classic BERT self-attention that computes its scores itself (RemBERT, MegatronBERT, TAPAS, RoFormer),",
+        "MPNet (its relative position bias), DeBERTa-v2 / v3 (its disentangled c2p / p2c bias, also with v3's",
+        "released settings) and XLM / FlauBERT run through the interface by a shim while attached",
+        "(`core/shims.LEGACY_ATTENTION`); position biases cover the real columns only, so the prefix columns",
+        "get content scores alone (they have no position, as with T5). An encoder has no real-token rule (its",
+        "tokens would see the prefix tokens' own states change with x); the checks above are its contract.",
+        "Refused: attention that is approximate or not softmax over keys (MRA, Nystromformer, YOSO, FNet's",
+        "Fourier mixing), computed inside modules no shim covers yet (ConvBERT's span convolution, LUKE's",
+        "entity-aware attention, Longformer's and BigBird's sparse patterns, DeBERTa v1's fused projection),",
+        "ALBERT's one attention module shared by every layer, and families without a token embedding table.",
+        "",
+        "| model type | class | prefixtune | reason | PEFT prefix tuning |",
+        "|---|---|---|---|---|",
+        *_rows(results),
+    ]
 
 
 def _peft_version() -> str:
@@ -214,26 +342,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "support.md"))
     parser.add_argument("--json", default=None, help="also write the raw results here")
-    parser.add_argument("--types", nargs="*", default=None)
+    parser.add_argument("--types", nargs="*", default=None, help="causal-LM types (default: all)")
+    parser.add_argument("--encoder-types", nargs="*", default=None, help="encoder types (default: all)")
     parser.add_argument("--merge", default=None, help="start from these raw results (--json of an earlier run)")
     args = parser.parse_args()
-    types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     import peft  # noqa: F401  (imported once here, so that each forked child starts warm)
     import reference  # noqa: F401
     import tiny_models  # noqa: F401
 
     import prefixtune.core.model  # noqa: F401
-    results = json.loads(Path(args.merge).read_text()) if args.merge else {}
-    for t in types:
+    merged = json.loads(Path(args.merge).read_text()) if args.merge else {}
+    if merged and "causal" not in merged:  # an earlier run's flat causal results
+        merged = {"causal": merged}
+    results, encoders = merged.get("causal", {}), merged.get("encoder", {})
+    if not args.merge or args.types is not None:
+        todo = [(t, check, results) for t in (args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))]
+    else:
+        todo = []
+    if not args.merge or args.encoder_types is not None:
+        todo += [(t, check_encoder, encoders) for t in (args.encoder_types or encoder_types())]
+    for t, fn, into in todo:
         start = time.time()
-        results[t] = forked(check, t)
-        r = results[t]
+        into[t] = r = forked(fn, t)
         print(f"{t:28s} {r.get('status', 'not built'):10s} peft={r.get('peft', '-'):18s} {time.time() - start:5.1f}s "
               f"{(r.get('reason') or r.get('build') or '')[:110]}", flush=True)
-    Path(args.out).write_text(render(results))
+    text = render(results, encoders)
+    Path(args.out).write_text(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    print(render(results).split("| model type")[0])
+        Path(args.json).write_text(json.dumps({"causal": results, "encoder": encoders}, indent=1))
+    print(text.split("| model type")[0])
+    print("## Encoders" + text.split("## Encoders")[-1].split("| model type")[0])
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ THIRD_PARTY: dict[str, set[str]] = {
     "integrations": BASE | {"trl", "lm_eval", "accelerate", "datasets"},
 }
 # The only modules that reach into transformers' submodules (internals); the rest use its public top level.
-TRANSFORMERS_INTERNALS = {"core/inject.py", "core/cache.py"}
+TRANSFORMERS_INTERNALS = {"core/inject.py", "core/cache.py", "core/shims.py"}
 
 
 def _modules() -> dict[str, Path]:

@@ -134,7 +134,8 @@ def save_tiny_model_dir(path, seed: int = 0, initializer_range: float = 0.02):
 # One set of small sizes for every config of the installed transformers, under each family's own field names.
 # A field is set only where the config has it; everything else keeps the family's default.
 TINY_SIZES: dict[str, int | None] = {
-    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "word_embed_proj_dim"), 32),
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "n_embed", "word_embed_proj_dim",
+                     "pooler_hidden_size"), 32),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers",
                      "num_decoder_layers"), 2),
     **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
@@ -210,6 +211,8 @@ def tiny_causal_lm(model_type: str, attn: str | None = None, seed: int = 0) -> t
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     cfg = tiny_config(model_type, attn)
     cfg.is_decoder = True  # encoder families' *ForCausalLM are causal only as decoders (their docs say so)
+    if hasattr(cfg, "causal"):
+        cfg.causal = True  # XLM's LM head model is a masked LM unless its config says causal
     model = cls(cfg).eval()
     return model
 

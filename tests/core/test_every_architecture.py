@@ -18,8 +18,8 @@ from prefixtune.core.spec import CACHE_STATE, INDEXED, INEXACT, NOT_INTERFACE, R
 SUPPORTED = [  # docs/support.md, "supported"
     "afmoe", "apertus", "arcee", "aria_text", "axk1", "bart", "beam", "bert", "bert-generation", "big_bird",
     "bigbird_pegasus", "biogpt", "bitnet", "blenderbot", "blenderbot-small", "bloom", "camembert", "codegen",
-    "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "data2vec-text", "deepseek_v2", "deepseek_v3", "doge",
-    "dots1", "electra", "ernie", "ernie4_5", "exaone4", "exaone_moe", "falcon", "flex_olmo", "flint", "fuyu",
+    "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm", "data2vec-text", "deepseek_v2", "deepseek_v3", "diffllama",
+    "doge", "dots1", "electra", "ernie", "ernie4_5", "exaone4", "exaone_moe", "falcon", "flex_olmo", "flint", "fuyu",
     "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
     "gemma4_unified_text", "git", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "got_ocr2", "gpt-sw3", "gpt2",
     "gpt_bigcode", "gpt_neo", "gpt_neox", "gpt_neox_japanese", "gpt_oss", "gptj", "granite", "granite_swa",
@@ -31,16 +31,15 @@ SUPPORTED = [  # docs/support.md, "supported"
     "olmo3", "olmoe", "openai-gpt", "opt", "pegasus", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe",
     "plbart", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "rembert", "roberta", "roberta-prelayernorm", "roc_bert",
     "roformer", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2", "trocr", "vaultgemma", "whisper",
-    "xglm", "xlm-roberta", "xlm-roberta-xl", "youtu",
+    "xglm", "xlm", "xlm-roberta", "xlm-roberta-xl", "youtu",
 ]
 
 # Refused, each with the reason its error gives (a representative of each reason).
 REFUSED = {
-    "xlm": NOT_INTERFACE,
+    "prophetnet": NOT_INTERFACE,
     "mamba": RECURRENT,
     "qwen3_next": RECURRENT,
     "deepseek_v32": INDEXED,
-    "diffllama": "called more than once per forward",
     "cpmant": INEXACT,
     "zaya": CACHE_STATE,
 }

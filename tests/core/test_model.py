@@ -70,9 +70,10 @@ def test_spec_reads_gqa_and_explicit_head_dim():
 def test_model_without_attention_interface_is_refused_naming_class_and_reason():
     from tiny_models import tiny_causal_lm
 
-    # XLM computes attention in its own module (no ALL_ATTENTION_FUNCTIONS call), keeps no KV cache, has no shim
-    with pytest.raises(ValueError, match=r"XLMWithLMHeadModel.*model_type='xlm'.*attention interface"):
-        attach(tiny_causal_lm("xlm"))
+    # ProphetNet computes attention in its own module (no ALL_ATTENTION_FUNCTIONS call), keeps no standard KV
+    # cache, has no shim
+    with pytest.raises(ValueError, match=r"ProphetNetForCausalLM.*model_type='prophetnet'.*attention interface"):
+        attach(tiny_causal_lm("prophetnet"))
 
 
 @pytest.mark.parametrize("attn", ATTN)

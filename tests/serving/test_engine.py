@@ -164,12 +164,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(monkeypa
         EngineConfig(prefill_chunk=0)
 
 
-@pytest.mark.parametrize("model_type", ["roberta", "roformer", "mpt", "bart", "bloom"])
+@pytest.mark.parametrize("model_type", ["roberta", "roformer", "mpt", "bart", "bloom", "diffllama"])
 def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type):
     """Models carrying the prefix in their own cache: RoBERTa numbers positions from padding_idx + 1 (the
     engine adds the offset); RoFormer, MPT and BART's decoder count positions by cache column and take no
     position ids, so each request runs in a batch of its own (``rows_alone``); Bloom's ALiBi follows the mask,
-    so its rows share a batch. Mixed prompt lengths, every prefill mode and cache layout."""
+    so its rows share a batch, and so do DiffLlama's (two attention calls over one cached K/V; RoPE from
+    position ids). Mixed prompt lengths, every prefill mode and cache layout."""
     model = tiny_causal_lm(model_type)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

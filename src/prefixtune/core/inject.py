@@ -1,4 +1,4 @@
-"""Attention injection: with ``cache.py``, the only module that touches ``transformers`` internals.
+"""Attention injection: with ``cache.py`` and ``shims.py``, the only modules that touch ``transformers`` internals.
 
 How a prefix reaches attention: every prefix-carrying attention module is tagged with its
 slot ``(stack, layer)`` and the model's attention implementation is switched to a registered
@@ -25,9 +25,9 @@ window), once per model call and mask. Its cost differs by device:
 Building the extended BlockMask evaluates its mask_mod over B x q x (P + kv) (``create_block_mask``,
 uncompiled) once per model call, shared by the layers that share the model's mask.
 
-Attention modules that compute attention inside themselves and keep no cache (OpenAI GPT) get a shim while
-attached (``LEGACY_ATTENTION``): their attention method is replaced by the same arithmetic through the
-interface, so the wrapper above reaches them too (and the probe of ``read_spec`` sees them).
+Attention computed inside a module of its own (OpenAI GPT, XLM, RemBERT, MPNet, DeBERTa-v2, ...) gets a shim
+while attached (``core/shims.py``): one method is replaced by the same arithmetic through the interface, so the
+wrapper above reaches it too (and the probe of ``read_spec`` sees it).
 
 Because the prefix travels as a keyword argument and never through the KV cache:
 - ``generate`` (greedy, sampling, beam search, any cache) sees it on every step;
@@ -38,10 +38,10 @@ For decoder-only models, positions are shifted by each row's prefix length (the 
 sit where they would after P cached tokens), and computed from the attention mask, so that a
 left-padded row gives the same result as the row alone.
 
-Size: ~730 lines, kept in one module on purpose: it is the one place that reaches into transformers'
-attention internals, and its parts (the registered attention wrapper, the probe that ``read_spec`` runs
-through that same wrapper, positions, the installation and its cache route) share the registered
-functions and the probe's state; split, they would import each other.
+Size: ~800 lines, kept in one module on purpose: with ``cache.py`` and ``shims.py``, it is where ours
+reaches into transformers' attention internals, and its parts (the registered attention wrapper, the probe
+that ``read_spec`` runs through that same wrapper, positions, the installation and its cache route) share
+the registered functions and the probe's state; split, they would import each other.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from transformers.utils import ModelOutput
 
 from prefixtune.core.kv import layer_kv
+from prefixtune.core.shims import install_shims, remove_shims
 
 if TYPE_CHECKING:  # spec.py imports this module (its probe), so only for annotations
     from prefixtune.core.spec import ModelSpec, StackSpec
@@ -334,53 +335,6 @@ def register_attention() -> None:
             AttentionInterface.register(name, _make_attention(base))
         if name not in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-
-
-# ----------------------------------------------------------------------------- legacy attention (shims)
-
-
-def _openai_gpt_attn(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None, output_attentions: bool = False) -> list[Any]:
-    """OpenAI GPT's ``Attention._attn`` through the attention interface (``prefixtune_sdpa``), so that a prefix
-    reaches it. q, v: (B, heads, T, d); k arrives transposed, (B, heads, d, T); its causal mask is the module's
-    ``bias`` buffer (1/0, top-left), masked at -1e4 as the module does, plus the model's additive mask. Returns
-    [(B, heads, T, d)] as the module's own does (the weights are not computed: sdpa)."""
-    t = q.shape[-2]
-    mask = (1.0 - module.bias[:, :, :t, :t].to(q.dtype)) * -1e4
-    if attention_mask is not None:
-        mask = mask + attention_mask
-    scaling = 1.0 / float(v.shape[-1]) ** 0.5 if module.scale else 1.0
-    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
-        module, q, k.transpose(-1, -2), v, mask, scaling=scaling,
-        dropout=module.attn_dropout.p if module.training else 0.0)
-    if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on OpenAI GPT (sdpa computes no weights)")
-    return [out.transpose(1, 2)]
-
-
-#: Attention modules that compute attention inside themselves, each routed through the interface by a shim
-#: that replaces one method with the same arithmetic (module class path -> (method, shim)).
-LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
-    "transformers.models.openai.modeling_openai.Attention": ("_attn", _openai_gpt_attn),
-}
-
-
-def install_shims(model: nn.Module) -> list[nn.Module]:
-    """Route ``model``'s legacy attention modules (``LEGACY_ATTENTION``) through the interface; returns them."""
-    register_attention()
-    shimmed = []
-    for m in model.modules():
-        entry = LEGACY_ATTENTION.get(f"{type(m).__module__}.{type(m).__name__}")
-        if entry is not None and entry[0] not in m.__dict__:
-            setattr(m, entry[0], partial(entry[1], m))
-            shimmed.append(m)
-    return shimmed
-
-
-def remove_shims(modules: list[nn.Module]) -> None:
-    """Give shimmed modules their own method back."""
-    for m in modules:
-        m.__dict__.pop(LEGACY_ATTENTION[f"{type(m).__module__}.{type(m).__name__}"][0], None)
 
 
 # ----------------------------------------------------------------------------- probing

@@ -251,12 +251,25 @@ def _read_spec(model: nn.Module) -> ModelSpec:
     name = type(model).__name__
     if cfg is None or not hasattr(model, "get_input_embeddings"):
         raise ValueError(f"{name} is not a transformers model (it has no config / input embeddings)")
+    try:
+        emb = model.get_input_embeddings()
+    except NotImplementedError:
+        emb = None
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"{name} (model_type={model_type!r}) has no token embedding table (its input embeddings are "
+                         f"{type(emb).__name__}, not an nn.Embedding): prefixtune reads the vocabulary and the "
+                         "width from it, so this family is refused")
     _refuse_recurrent(model, name, model_type)
     seq2seq = bool(getattr(cfg, "is_encoder_decoder", False))
     inputs: dict[str, Any] = {"input_ids": _probe_ids(model, _ENC_LEN)}
     if seq2seq:
         inputs["decoder_input_ids"] = _probe_ids(model, _DEC_LEN)
-    calls = record_attention_calls(model, **inputs)
+    try:
+        calls = record_attention_calls(model, **inputs)
+    except (RuntimeError, IndexError, TypeError) as err:  # the family's own forward, on a short probe input
+        raise ValueError(f"{name} (model_type={model_type!r}): the probe forward that reads its attention layers "
+                         f"failed on input_ids of shape {tuple(inputs['input_ids'].shape)}, so it is refused: "
+                         f"{type(err).__name__}: {err}") from err
     if not calls:
         return _cache_route_spec(model, name, model_type, seq2seq, inputs)
     paths = {id(m): p for p, m in model.named_modules()}
@@ -267,6 +280,10 @@ def _read_spec(model: nn.Module) -> ModelSpec:
         if any(c.causal for c in calls) and kind == "encoder":
             raise ValueError(f"{name}: some attention layers are causal and some are not; prefixtune needs one kind")
         if kind == "causal" and not _takes_position_ids(model, seq2seq):
+            return _cache_route_spec(model, name, model_type, seq2seq, inputs)
+        if kind == "causal" and len({id(c.module) for c in calls}) < len(calls):
+            # One module, several attention calls (DiffLlama's two softmaxes over one K and a split V): the
+            # model's cache holds that layer's K/V once, before the module derives its calls' inputs from them.
             return _cache_route_spec(model, name, model_type, seq2seq, inputs)
     encoder_paths: set[str] = set()
     if seq2seq:

@@ -1,0 +1,185 @@
+"""Shims for attention computed inside a module of its own, outside transformers' attention interface.
+
+While a prefix is attached, each listed module (``LEGACY_ATTENTION``: OpenAI GPT; XLM / FlauBERT; the classic
+BERT self-attention of RemBERT, MegatronBERT, TAPAS and RoFormer; MPNet; DeBERTa-v2 / v3) gets one method
+replaced by the same arithmetic through the interface (``prefixtune_sdpa``, registered by ``inject.py``), so
+that the wrapper there puts the prefix in front of its keys and values and the probe of ``read_spec`` sees it.
+Calls a shim does not cover (a cache that already holds tokens, cross-attention, decoders, EMD's separate
+queries) run the module's own method. Position biases (MPNet's relative bias, DeBERTa's c2p / p2c) join the
+additive mask over the real columns only: the prefix columns get content scores alone, as with T5.
+With ``inject.py`` and ``cache.py``, one of the modules that reach into transformers' internals.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def _openai_gpt_attn(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, output_attentions: bool = False) -> list[Any]:
+    """OpenAI GPT's ``Attention._attn`` through the attention interface (``prefixtune_sdpa``), so that a prefix
+    reaches it. q, v: (B, heads, T, d); k arrives transposed, (B, heads, d, T); its causal mask is the module's
+    ``bias`` buffer (1/0, top-left), masked at -1e4 as the module does, plus the model's additive mask. Returns
+    [(B, heads, T, d)] as the module's own does (the weights are not computed: sdpa)."""
+    t = q.shape[-2]
+    mask = (1.0 - module.bias[:, :, :t, :t].to(q.dtype)) * -1e4
+    if attention_mask is not None:
+        mask = mask + attention_mask
+    scaling = 1.0 / float(v.shape[-1]) ** 0.5 if module.scale else 1.0
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, q, k.transpose(-1, -2), v, mask, scaling=scaling,
+        dropout=module.attn_dropout.p if module.training else 0.0)
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on OpenAI GPT (sdpa computes no weights)")
+    return [out.transpose(1, 2)]
+
+
+def _bert_self_attention(outputs: str) -> Callable[..., Any]:
+    """The classic BERT self-attention (RemBERT, MegatronBERT, TAPAS, RoFormer: ``query`` / ``key`` / ``value``
+    projections, softmax(q k^T / sqrt(d) + additive mask) v, rotary first where ``sinusoidal_pos`` is given)
+    through the attention interface, for encoder use: calls with a cache, cross-attention, decoders and
+    ``output_attentions`` run the module's own forward. ``outputs``: "pair" returns (context, None) as the
+    module returns (context, probs); "tuple" returns (context,). hidden_states: (B, T, hidden)."""
+    def forward(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        own = type(module).forward
+        bound = inspect.signature(own).bind(module, *args, **kwargs)
+        a = bound.arguments
+        extra = a.get("kwargs", {})
+        if (getattr(module, "is_decoder", False) or a.get("encoder_hidden_states") is not None
+                or a.get("past_key_values") is not None):
+            return own(module, *args, **kwargs)
+        if a.get("output_attentions") or extra.get("output_attentions"):
+            raise ValueError(f"output_attentions is not available with prefixtune on {type(module).__name__} "
+                             "(its attention runs through sdpa, which computes no weights)")
+        hidden = a["hidden_states"]
+        shape = (*hidden.shape[:-1], -1, module.attention_head_size)
+        q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (module.query, module.key, module.value))
+        pos = a.get("sinusoidal_pos")
+        if pos is not None:  # RoFormer: rotary on q and k (and v where rotary_value), as its forward does
+            rotated = module.apply_rotary_position_embeddings(pos, q, k, v) if module.rotary_value else \
+                (*module.apply_rotary_position_embeddings(pos, q, k), v)
+            q, k, v = rotated
+        out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+            module, q, k, v, a.get("attention_mask"), scaling=module.attention_head_size ** -0.5, is_causal=False,
+            dropout=module.dropout.p if module.training else 0.0)
+        context = out.reshape(*hidden.shape[:-1], -1)  # sdpa's output is (B, T, heads, d)
+        return (context, None) if outputs == "pair" else (context,)
+    return forward
+
+
+def _mpnet_self_attention(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          position_bias: torch.Tensor | None = None, output_attentions: bool = False,
+                          **kwargs: Any) -> tuple[torch.Tensor]:
+    """MPNet's self-attention through the interface: its relative position bias (B|1, heads, T, T) joins the
+    additive mask, so the prefix columns get none (they have no position, as T5's). Returns ((B, T, hidden),)
+    after its output projection, as the module does."""
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on MPNet (its attention runs "
+                         "through sdpa, which computes no weights)")
+    shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (module.q, module.k, module.v))
+    mask = attention_mask
+    if position_bias is not None:
+        mask = position_bias if mask is None else mask + position_bias
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, q, k, v, mask, scaling=module.attention_head_size ** -0.5, is_causal=False,
+        dropout=module.dropout.p if module.training else 0.0)
+    return (module.o(out.reshape(*hidden_states.shape[:-1], -1)),)
+
+
+def _xlm_attention(module: nn.Module, input: torch.Tensor, mask: torch.Tensor, kv: torch.Tensor | None = None,
+                   cache: Any = None, output_attentions: bool = False, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """XLM / FlauBERT's MultiHeadAttention through the interface for self-attention: mask (B, kv) of 1/0, or
+    (B, q, kv) when the model is causal; the cache (the model always passes one) gets the layer's K/V as the
+    module would put them there. Cross-attention runs its own forward. input: (B, T, dim).
+    Returns ((B, T, dim),) after its output projection."""
+    if kv is not None:
+        return type(module).forward(module, input, mask, kv, cache, output_attentions, **kwargs)
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on XLM (its attention runs "
+                         "through sdpa, which computes no weights)")
+    shape = (*input.shape[:-1], module.n_heads, module.head_dim)
+    q, k, v = (proj(input).view(shape).transpose(1, 2) for proj in (module.q_lin, module.k_lin, module.v_lin))
+    own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    if own is not None:
+        k, v = own.update(k, v, module.layer_id)
+    allowed = (mask != 0)[:, None, None, :] if mask.dim() == 2 else (mask != 0)[:, None]
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, q, k, v, allowed, scaling=module.head_dim ** -0.5, is_causal=False,
+        dropout=module.dropout if module.training else 0.0)
+    return (module.out_lin(out.reshape(*input.shape[:-1], -1)),)
+
+
+def _deberta_v2_attention(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                          output_attentions: bool = False, query_states: torch.Tensor | None = None,
+                          relative_pos: torch.Tensor | None = None, rel_embeddings: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, None]:
+    """DeBERTa-v2 / v3's disentangled self-attention through the interface: content-to-content scores scaled
+    by sqrt(d * (1 + len(pos_att_type))), as its own; its disentangled bias (c2p, p2c) on the real columns joins
+    the additive mask, so the prefix columns get content scores only (they have no position). EMD's separate
+    query states run its own forward. hidden_states: (B, T, hidden); attention_mask: (B, 1, T, T) of 1/0.
+    Returns ((B, T, heads * d), None)."""
+    if query_states is not None:
+        return type(module).forward(module, hidden_states, attention_mask, output_attentions, query_states,
+                                    relative_pos, rel_embeddings)
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on DeBERTa-v2 (its attention runs "
+                         "through sdpa, which computes no weights)")
+    b, t, _ = hidden_states.shape
+    heads = module.num_attention_heads
+    q, k, v = (module.transpose_for_scores(proj(hidden_states), heads)  # (B * heads, T, d)
+               for proj in (module.query_proj, module.key_proj, module.value_proj))
+    scale_factor = 1 + ("c2p" in module.pos_att_type) + ("p2c" in module.pos_att_type)
+    mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+        ~attention_mask.bool(), torch.finfo(q.dtype).min)
+    if module.relative_attention:
+        rel = module.disentangled_attention_bias(q, k, relative_pos, module.pos_dropout(rel_embeddings), scale_factor)
+        if rel is not None:
+            mask = mask + rel.view(b, heads, t, t)
+    d = q.shape[-1]
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, *(x.view(b, heads, t, d) for x in (q, k, v)), mask, scaling=(d * scale_factor) ** -0.5,
+        is_causal=False, dropout=module.dropout.p if module.training else 0.0)
+    return out.reshape(b, t, heads * d), None
+
+
+#: Attention modules that compute attention inside themselves, each routed through the interface by a shim
+#: that replaces one method with the same arithmetic (module class path -> (method, shim)).
+LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
+    "transformers.models.openai.modeling_openai.Attention": ("_attn", _openai_gpt_attn),
+    "transformers.models.rembert.modeling_rembert.RemBertSelfAttention": ("forward", _bert_self_attention("pair")),
+    "transformers.models.megatron_bert.modeling_megatron_bert.MegatronBertSelfAttention":
+        ("forward", _bert_self_attention("pair")),
+    "transformers.models.tapas.modeling_tapas.TapasSelfAttention": ("forward", _bert_self_attention("tuple")),
+    "transformers.models.roformer.modeling_roformer.RoFormerSelfAttention": ("forward", _bert_self_attention("pair")),
+    "transformers.models.mpnet.modeling_mpnet.MPNetSelfAttention": ("forward", _mpnet_self_attention),
+    "transformers.models.deberta_v2.modeling_deberta_v2.DisentangledSelfAttention": ("forward", _deberta_v2_attention),
+    "transformers.models.xlm.modeling_xlm.MultiHeadAttention": ("forward", _xlm_attention),
+    "transformers.models.flaubert.modeling_flaubert.MultiHeadAttention": ("forward", _xlm_attention),
+}
+
+
+def install_shims(model: nn.Module) -> list[nn.Module]:
+    """Route ``model``'s legacy attention modules (``LEGACY_ATTENTION``) through the interface; returns them.
+    The ``prefixtune_sdpa`` function they call must be registered first (``inject.register_attention``)."""
+    shimmed = []
+    for m in model.modules():
+        entry = LEGACY_ATTENTION.get(f"{type(m).__module__}.{type(m).__name__}")
+        if entry is not None and entry[0] not in m.__dict__:
+            setattr(m, entry[0], partial(entry[1], m))
+            shimmed.append(m)
+    return shimmed
+
+
+def remove_shims(modules: list[nn.Module]) -> None:
+    """Give shimmed modules their own method back."""
+    for m in modules:
+        m.__dict__.pop(LEGACY_ATTENTION[f"{type(m).__module__}.{type(m).__name__}"][0], None)
