@@ -167,3 +167,47 @@ def real_token_equivalence(model, x_len: int = 5, new_tokens: int = 4, atol: flo
     assert torch.equal(tokens, ref_tokens), f"greedy {tokens.tolist()} != base after t0 {ref_tokens.tolist()}"
     assert float((alone - ref_logits).abs().max()) > 100 * diff, "t0 does not change the logits: the check is void"
     return {"max_logit_diff": diff, "tokens": tokens[0].tolist()}
+
+
+@torch.no_grad()
+def seq2seq_contract(model, new_tokens: int = 3, atol: float = 1e-5) -> dict:
+    """Check an encoder-decoder's prefixes (the contract where no real-token rule exists: encoder tokens would
+    see real prefix tokens' own states change with x):
+
+    - encoder self-, decoder self- and cross-attention each carry a prefix (three stacks);
+    - disabled, the prefixed model gives the base model's logits;
+    - a right-padded source row gives the logits of the row alone, and the prefix changes the logits;
+    - cached greedy ``generate`` gives the tokens of full recomputation without a cache.
+
+    Raises AssertionError on a mismatch; returns {"padded_row": float, "change": float, "tokens": list}.
+    """
+    from prefixtune import PrefixConfig, attach
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 84, (2, 6), generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    dec = torch.randint(4, 84, (2, 4), generator=g)
+    base = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    pm = attach(model, PrefixConfig(prefix_length=3, reparam=False))
+    try:
+        stacks = [s.name for s in pm.spec.stacks]
+        assert pm.spec.kind == "seq2seq" and stacks == ["encoder", "decoder", "cross"], (pm.spec.kind, stacks)
+        with pm.disabled():
+            off = pm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert torch.allclose(off, base, atol=atol, rtol=1e-4), "disabled prefix changes the logits"
+        for sp in pm.prefix.stacks.values():
+            sp.table.normal_(0, 0.5, generator=g)
+        both = pm(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        alone = pm(input_ids=ids[1:, :3], attention_mask=mask[1:, :3], decoder_input_ids=dec[1:]).logits
+        pad, change = float((both[1:] - alone).abs().max()), float((both - base).abs().max())
+        assert pad <= atol * max(1.0, float(alone.abs().max())), f"padded row differs by {pad}"
+        assert change > 1e-3, "the prefix does not change the logits"
+        out = pm.generate(input_ids=ids[:1], max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        seq = out[:, :1]
+        for _ in range(new_tokens):
+            step = pm(input_ids=ids[:1], decoder_input_ids=seq, use_cache=False).logits[:, -1:]
+            seq = torch.cat([seq, step.argmax(-1)], dim=1)
+        assert torch.equal(out, seq), f"cached generate {out.tolist()} != recomputation {seq.tolist()}"
+    finally:
+        pm.detach()
+    return {"padded_row": pad, "change": change, "tokens": out[0].tolist()}

@@ -171,10 +171,11 @@ def _shrink(cfg) -> None:
             cfg.num_key_value_heads = cfg.num_attention_heads
     if getattr(cfg, "sliding_window", None):
         cfg.sliding_window = TINY_WINDOW
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+    small_ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0}
+    for key, small in small_ids.items():
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value >= VOCAB:
-            setattr(cfg, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
+            setattr(cfg, key, small)
     layers = 2
     if getattr(cfg, "num_kv_shared_layers", 0):  # Gemma 3n: 2 layers of their own K/V, 2 that reuse them
         layers = cfg.num_hidden_layers = 4
@@ -214,6 +215,24 @@ def tiny_causal_lm(model_type: str, attn: str | None = None, seed: int = 0) -> t
     if hasattr(cfg, "causal"):
         cfg.causal = True  # XLM's LM head model is a masked LM unless its config says causal
     model = cls(cfg).eval()
+    return model
+
+
+def tiny_seq2seq_lm(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random ``AutoModelForSeq2SeqLM`` of ``model_type``, in eval mode, float32, whose generate is plain
+    greedy / beam search (no forced BOS / EOS, no n-gram blocking; decoding starts from id 0 where unset)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type)
+    if getattr(cfg, "decoder_start_token_id", None) is None:
+        cfg.decoder_start_token_id = 0
+    model = getattr(transformers, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES[model_type])(cfg).eval()
+    gen = model.generation_config
+    gen.forced_bos_token_id = gen.forced_eos_token_id = None
+    gen.no_repeat_ngram_size = 0
+    gen.decoder_start_token_id = cfg.decoder_start_token_id
     return model
 
 

@@ -303,6 +303,12 @@ def _read_spec(model: nn.Module) -> ModelSpec:
         slots.append((path, stack, len(layer_dims)))
         layer_dims.append((call.k_heads, call.k_dim, call.v_heads, call.v_dim))
     order = ("encoder", "decoder", "cross")
+    if seq2seq and set(dims) != set(order):
+        missing = [s for s in order if s not in dims]
+        raise ValueError(f"{name} (model_type={model_type!r}): its {' and '.join(missing)} attention does not go "
+                         "through transformers' attention interface (ALL_ATTENTION_FUNCTIONS), so that stack would "
+                         "carry no prefix; an encoder-decoder needs all three (encoder, decoder, cross), so it is "
+                         "refused")
     stacks = tuple(_stack_spec(s, dims[s]) for s in order if s in dims)  # type: ignore[arg-type]
     emb = model.get_input_embeddings()
     return ModelSpec(
