@@ -192,15 +192,15 @@ def test_token_classification_head():
     assert pm.base.classifier.weight.grad is not None
 
 
-def test_deberta_v1_is_refused_with_the_reason_in_code():
-    """DeBERTa v1 computes its disentangled attention from one fused projection inside its module; only v2 / v3
-    has a shim (tests/core/test_encoders_by_mechanism.py)."""
+def test_deberta_with_talking_heads_is_refused_with_the_reason():
+    """Talking heads mix the heads' attention scores, which the prefix's columns would have to join (the probe
+    forward of attach meets it)."""
     from transformers import DebertaConfig, DebertaForSequenceClassification
 
     model = DebertaForSequenceClassification(DebertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                                                            num_attention_heads=4, intermediate_size=64,
-                                                           pooler_hidden_size=32))
-    with pytest.raises(ValueError, match=r"model_type='deberta'\).*attention interface"):
+                                                           pooler_hidden_size=32, talking_head=True))
+    with pytest.raises(ValueError, match="talking_head=True"):
         attach_classifier(model, PrefixConfig(prefix_length=2))
 
 

@@ -24,10 +24,10 @@ def _classifier(model_type: str, **overrides):
 
 
 SUPPORTED = [  # docs/support.md, "Encoders", supported (scripts/support_matrix.py)
-    "bert", "camembert", "data2vec-text", "deberta-v2", "distilbert", "electra", "ernie", "eurobert", "flaubert", "gte",
-    "jina_embeddings_v3", "layoutlm", "megatron-bert", "mobilebert", "modernbert", "modernvbert", "mpnet", "nomic_bert",
-    "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "tapas", "ultrabert", "ultravbert", "xlm",
-    "xlm-roberta", "xlm-roberta-xl",
+    "bert", "camembert", "data2vec-text", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "eurobert",
+    "flaubert", "gte", "jina_embeddings_v3", "layoutlm", "megatron-bert", "mobilebert", "modernbert", "modernvbert",
+    "mpnet", "nomic_bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "tapas", "ultrabert",
+    "ultravbert", "xlm", "xlm-roberta", "xlm-roberta-xl",
 ]
 
 
@@ -50,17 +50,46 @@ def test_encoder_prefix_padded_row_equals_row_alone_and_disabled_equals_base(mod
 
 
 # core/shims.LEGACY_ATTENTION: encoders whose self-attention computes its scores itself
-SHIMMED = ["rembert", "megatron-bert", "tapas", "roformer", "mpnet", "xlm", "flaubert", "deberta-v2", "deberta-v3"]
+SHIMMED = ["rembert", "megatron-bert", "tapas", "roformer", "mpnet", "xlm", "flaubert", "deberta", "deberta-base",
+           "deberta-v2", "deberta-v3"]
+# DeBERTa (v1) as released (deberta-base / large / xlarge): c2p + p2c over relative positions, no absolute ones
+DEBERTA_BASE = {"relative_attention": True, "pos_att_type": ["c2p", "p2c"], "max_relative_positions": -1,
+                "position_biased_input": False}
 # DeBERTa-v3's released configs: disentangled attention (c2p + p2c) over bucketed relative positions, shared keys
 DEBERTA_V3 = {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 8,
               "max_relative_positions": -1, "norm_rel_ebd": "layer_norm", "share_att_key": True,
               "position_biased_input": False}
 
 
+def _shimmed(model_type: str):
+    """A tiny classifier of a shimmed family; "deberta-base" / "deberta-v3": DeBERTa with its released settings."""
+    if model_type == "deberta-base":
+        return _classifier("deberta", **DEBERTA_BASE)
+    if model_type == "deberta-v3":
+        return _classifier("deberta-v2", **DEBERTA_V3)
+    return _classifier(model_type)
+
+
 def _hand_attention(module, call, prefix_kv, key_mask):
     """One self-attention of ``module`` by hand with the prefix in front, from the arguments of its ``call``
     (classic BERT with RoFormer's rotary, MPNet's relative position bias on the real columns, XLM).
     prefix_kv: (P, 2, heads, d); key_mask: (B, T) bool. Returns (B, T, hidden) as the module does."""
+    if hasattr(module, "in_proj"):  # DeBERTa v1: fused projection, query / value biases, query scaled first
+        hidden = call["hidden_states"]
+        b, t, _ = hidden.shape
+        q, k, v = module.transpose_for_scores(module.in_proj(hidden)).chunk(3, dim=-1)
+        q = q + module.transpose_for_scores(module.q_bias[None, None, :])
+        v = v + module.transpose_for_scores(module.v_bias[None, None, :])
+        scale = 1 + len(module.pos_att_type)
+        q = q / math.sqrt(q.shape[-1] * scale)
+        scores = q @ k.transpose(-1, -2)
+        if module.relative_attention:
+            scores = scores + module.disentangled_att_bias(q, k, call["relative_pos"], call["rel_embeddings"], scale)
+        pk, pv = (prefix_kv[:, i].permute(1, 0, 2)[None].expand(b, -1, -1, -1) for i in (0, 1))
+        scores = torch.cat([q @ pk.transpose(-1, -2), scores], -1)
+        allowed = torch.cat([torch.ones(b, prefix_kv.shape[0], dtype=torch.bool), key_mask], 1)[:, None, None, :]
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return (probs @ torch.cat([pv, v], 2)).transpose(1, 2).reshape(b, t, -1)
     if hasattr(module, "query_proj"):  # DeBERTa-v2: content scores over sqrt(d * scale), its bias on real keys
         hidden = call["hidden_states"]
         b, t, _ = hidden.shape
@@ -110,7 +139,7 @@ def test_attention_outside_the_interface_carries_the_prefix_in_every_layer(model
     """Encoders whose self-attention computes scores itself get a shim: the same arithmetic through the
     interface. Disabled, it gives the base model; every layer equals a hand-written attention with the
     prefix in front; a padded row equals the row alone; detach gives the module its own forward back."""
-    model = _classifier("deberta-v2", **DEBERTA_V3) if model_type == "deberta-v3" else _classifier(model_type)
+    model = _shimmed(model_type)
     ids = torch.randint(4, VOCAB - 6, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
     base = model(input_ids=ids, attention_mask=mask).logits
@@ -162,13 +191,13 @@ def test_refused_encoders_name_the_class_and_the_reason(model_type, reason):
     assert type(model).__name__ in str(err.value) and reason in str(err.value)
 
 
-@pytest.mark.parametrize("model_type", ["deberta-v3", "roformer", "rembert"])
+@pytest.mark.parametrize("model_type", ["deberta-base", "deberta-v3", "roformer", "rembert"])
 def test_shimmed_encoder_trains_the_prefix_with_and_without_gradient_checkpointing(model_type):
     """The shim's attention is differentiable in the prefix, and a checkpointed backward (which recomputes each
     layer, shim included) gives the prefix the same gradients."""
     grads = []
     for checkpointing in (False, True):
-        model = _classifier("deberta-v2", **DEBERTA_V3) if model_type == "deberta-v3" else _classifier(model_type)
+        model = _shimmed(model_type)
         pm = attach(model, PrefixConfig(prefix_length=3, reparam=True))
         if checkpointing:
             pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,7 +1,7 @@
 """Shims for attention computed inside a module of its own, outside transformers' attention interface.
 
 While a prefix is attached, each listed module (``LEGACY_ATTENTION``: OpenAI GPT; XLM / FlauBERT; the classic
-BERT self-attention of RemBERT, MegatronBERT, TAPAS and RoFormer; MPNet; DeBERTa-v2 / v3) gets one method
+BERT self-attention of RemBERT, MegatronBERT, TAPAS and RoFormer; MPNet; DeBERTa v1, v2 and v3) gets one method
 replaced by the same arithmetic through the interface (``prefixtune_sdpa``, registered by ``inject.py``), so
 that the wrapper there puts the prefix in front of its keys and values and the probe of ``read_spec`` sees it.
 Calls a shim does not cover (a cache that already holds tokens, cross-attention, decoders, EMD's separate
@@ -151,6 +151,40 @@ def _deberta_v2_attention(module: nn.Module, hidden_states: torch.Tensor, attent
     return out.reshape(b, t, heads * d), None
 
 
+def _deberta_attention(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                       output_attentions: bool = False, query_states: torch.Tensor | None = None,
+                       relative_pos: torch.Tensor | None = None, rel_embeddings: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, None]:
+    """DeBERTa (v1)'s disentangled self-attention through the interface: one fused projection plus its query
+    and value biases, the query scaled by sqrt(d * (1 + len(pos_att_type))) first, as its own; its c2p / p2c
+    bias on the real columns joins the additive mask. EMD's separate query states run its own forward; talking
+    heads (which mix the heads' scores) are refused. hidden_states: (B, T, hidden); attention_mask: (B, 1, T, T)
+    of 1/0. Returns ((B, T, heads * d), None)."""
+    if query_states is not None:
+        return type(module).forward(module, hidden_states, attention_mask, output_attentions, query_states,
+                                    relative_pos, rel_embeddings)
+    if module.head_logits_proj is not None:
+        raise ValueError("DeBERTa with talking_head=True mixes the heads' attention scores; prefixtune does not "
+                         "carry a prefix through that mixing")
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on DeBERTa (its attention runs "
+                         "through sdpa, which computes no weights)")
+    q, k, v = module.transpose_for_scores(module.in_proj(hidden_states)).chunk(3, dim=-1)  # (B, heads, T, d)
+    q = q + module.transpose_for_scores(module.q_bias[None, None, :])
+    v = v + module.transpose_for_scores(module.v_bias[None, None, :])
+    scale_factor = 1 + len(module.pos_att_type)
+    q = q / torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * scale_factor).to(q.dtype)
+    mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+        ~attention_mask.bool(), torch.finfo(q.dtype).min)
+    if module.relative_attention and rel_embeddings is not None and relative_pos is not None:
+        rel = module.disentangled_att_bias(q, k, relative_pos, module.pos_dropout(rel_embeddings), scale_factor)
+        if rel is not None:
+            mask = mask + rel
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, q, k, v, mask, scaling=1.0, is_causal=False, dropout=module.dropout.p if module.training else 0.0)
+    return out.reshape(*hidden_states.shape[:-1], -1), None
+
+
 #: Attention modules that compute attention inside themselves, each routed through the interface by a shim
 #: that replaces one method with the same arithmetic (module class path -> (method, shim)).
 LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
@@ -162,6 +196,7 @@ LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
     "transformers.models.roformer.modeling_roformer.RoFormerSelfAttention": ("forward", _bert_self_attention("pair")),
     "transformers.models.mpnet.modeling_mpnet.MPNetSelfAttention": ("forward", _mpnet_self_attention),
     "transformers.models.deberta_v2.modeling_deberta_v2.DisentangledSelfAttention": ("forward", _deberta_v2_attention),
+    "transformers.models.deberta.modeling_deberta.DisentangledSelfAttention": ("forward", _deberta_attention),
     "transformers.models.xlm.modeling_xlm.MultiHeadAttention": ("forward", _xlm_attention),
     "transformers.models.flaubert.modeling_flaubert.MultiHeadAttention": ("forward", _xlm_attention),
 }
