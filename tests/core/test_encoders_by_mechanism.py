@@ -24,10 +24,10 @@ def _classifier(model_type: str, **overrides):
 
 
 SUPPORTED = [  # docs/support.md, "Encoders", supported (scripts/support_matrix.py)
-    "bert", "camembert", "data2vec-text", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "eurobert",
-    "flaubert", "gte", "jina_embeddings_v3", "layoutlm", "megatron-bert", "mobilebert", "modernbert", "modernvbert",
-    "mpnet", "nomic_bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "tapas", "ultrabert",
-    "ultravbert", "xlm", "xlm-roberta", "xlm-roberta-xl",
+    "albert", "bert", "camembert", "data2vec-text", "deberta", "deberta-v2", "distilbert", "electra", "ernie",
+    "eurobert", "flaubert", "gte", "jina_embeddings_v3", "layoutlm", "megatron-bert", "mobilebert", "modernbert",
+    "modernvbert", "mpnet", "nomic_bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer",
+    "tapas", "ultrabert", "ultravbert", "xlm", "xlm-roberta", "xlm-roberta-xl",
 ]
 
 
@@ -180,7 +180,6 @@ def test_attention_outside_the_interface_carries_the_prefix_in_every_layer(model
 
 @pytest.mark.parametrize(("model_type", "reason"), [
     ("convbert", "attention interface"),  # its span convolution: no shim
-    ("albert", "called more than once per forward"),  # one attention module shared by every layer
     ("ibert", "no token embedding table"),  # quantized embeddings
     ("funnel", "the probe forward"),  # its pooling fails on a 3-token input
 ])
@@ -211,3 +210,52 @@ def test_shimmed_encoder_trains_the_prefix_with_and_without_gradient_checkpointi
     assert model.is_activation_checkpointing
     assert float(grads[0].abs().max()) > 1e-4
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_albert_shared_layer_gets_its_own_prefix_at_each_call(attn):
+    """ALBERT runs one attention module once per layer: each call carries that layer's prefix, in call order
+    (checked against hand-written attention call by call), and the counts restart with every forward."""
+    model = _classifier("albert", num_hidden_layers=3)
+    for m in model.modules():
+        if getattr(m, "config", None) is not None:
+            m.config._attn_implementation_internal = attn
+    ids = torch.randint(4, VOCAB - 6, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    base = model(input_ids=ids, attention_mask=mask).logits
+    pm = attach(model, PrefixConfig(prefix_length=3, reparam=False))
+    assert [layer for _, _, layer in pm.spec.slots] == [0, 1, 2] and len({p for p, _, _ in pm.spec.slots}) == 1
+    with pm.disabled():
+        torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, base, atol=1e-5, rtol=1e-5)
+    pm.prefix.stacks["encoder"].table.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    module = model.get_submodule(pm.spec.slots[0][0])
+    calls = []
+    handle = module.register_forward_hook(
+        lambda mod, args, kwargs, output: calls.append((args[0] if args else kwargs["hidden_states"], output[0])),
+        with_kwargs=True)
+    for _ in range(2):  # a second forward starts again at layer 0
+        calls.clear()
+        both = pm(input_ids=ids, attention_mask=mask).logits
+        assert len(calls) == 3
+        s = pm.spec.stack("encoder")
+        kv = pm.prefix.stacks["encoder"].table.view(3, s.num_layers, 2, s.num_kv_heads, s.head_dim)
+        for layer, (hidden, out) in enumerate(calls):
+            ctx = _hand_attention(module, {"hidden_states": hidden}, kv[:, layer], mask.bool())
+            ref = module.LayerNorm(hidden + module.dense(ctx))
+            torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+    handle.remove()
+    alone = pm(input_ids=ids[1:, :3], attention_mask=mask[1:, :3]).logits
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-5)
+    assert float((both - base).abs().max()) > 1e-3
+
+
+def test_a_shared_module_called_more_often_than_its_layers_is_refused():
+    """A recomputation (gradient checkpointing; ALBERT itself does not offer it) would call the shared module
+    again in the same model call: refused rather than given the wrong layer's prefix."""
+    from prefixtune.core.inject import SharedSlots
+
+    slots, calls, module = SharedSlots([("encoder", 0), ("encoder", 1)]), {}, torch.nn.Linear(1, 1)
+    assert [slots.next(module, calls), slots.next(module, calls)] == [("encoder", 0), ("encoder", 1)]
+    with pytest.raises(ValueError, match="shared by 2 layers, was called 3 times in one forward"):
+        slots.next(module, calls)

@@ -263,6 +263,20 @@ def _flex_stance(device: torch.device) -> Iterator[None]:
         yield
 
 
+class SharedSlots(tuple):
+    """The slots of one attention module that the model calls once per layer (ALBERT), in call order."""
+
+    def next(self, module: nn.Module, calls: dict[int, int]) -> tuple[str, int]:
+        """The slot of this call of ``module`` in the model call in progress (``calls`` counts them)."""
+        i = calls.get(id(module), 0)
+        if i >= len(self):
+            raise ValueError(f"{type(module).__name__}, shared by {len(self)} layers, was called {i + 1} times in one "
+                             "forward (a recomputation, as gradient checkpointing does?); its per-layer prefixes "
+                             "follow the call order, so this is refused")
+        calls[id(module)] = i + 1
+        return self[i]
+
+
 def _make_attention(base: str) -> Callable[..., Any]:
     def attention(
         module: nn.Module,
@@ -280,6 +294,8 @@ def _make_attention(base: str) -> Callable[..., Any]:
         if _PROBE is not None:
             _PROBE.append(_record(module, query, key, value, attention_mask, kwargs))
         slot = getattr(module, SLOT_ATTR, None)
+        if isinstance(slot, SharedSlots) and batch is not None:
+            slot = slot.next(module, getattr(module, OWNER_ATTR).shared_calls)
         if batch is None or slot is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
         if batch.collect is not None:
@@ -569,6 +585,7 @@ class Injection:
         # flex_attention: id(the model's BlockMask) -> (it, it extended by the prefix columns), for the call in
         # progress (emptied by each model call), so that the layers sharing a block mask extend it once
         self.flex_masks: dict[int, tuple[Any, Any]] = {}
+        self.shared_calls: dict[int, int] = {}  # calls of each shared module (SharedSlots) in this model call
         if getattr(model, ATTACHED_ATTR, False):  # the cache route renames no implementation: this tells it
             raise ValueError("this model already has prefixtune attached; detach() it first")
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
@@ -586,9 +603,13 @@ class Injection:
         modules = dict(model.named_modules())
         self._tagged: list[nn.Module] = []
         configs: dict[int, Any] = {}
+        by_path: dict[str, list[tuple[str, int]]] = {}
         for path, stack, layer in spec.slots:
+            by_path.setdefault(path, []).append((stack, layer))
+        for path, slots in by_path.items():
             mod = modules[path]
-            setattr(mod, SLOT_ATTR, (stack, layer))
+            # a module called once per layer (ALBERT's shared layer): one slot per call, in call order
+            setattr(mod, SLOT_ATTR, slots[0] if len(slots) == 1 else SharedSlots(slots))
             setattr(mod, OWNER_ATTR, self)
             self._tagged.append(mod)
             cfg = getattr(mod, "config", None)
@@ -641,6 +662,7 @@ class Injection:
                     batch = replace(batch, query_visible=visible)
             kwargs[KWARG] = self.current = batch
             self.flex_masks = {}
+            self.shared_calls = {}
             self._wrap_checkpointing()
             return args, kwargs
 

@@ -293,10 +293,10 @@ def _read_spec(model: nn.Module) -> ModelSpec:
     slots: list[tuple[str, Stack, int]] = []
     dims: dict[Stack, list[LayerDims]] = {}
     for call in calls:
-        if id(call.module) in seen:
+        if id(call.module) in seen and kind != "encoder":
             raise ValueError(f"{name}: {paths[id(call.module)]} is called more than once per forward (shared "
                              "layers); a prefix per call would need one module per call, so it is refused")
-        seen.add(id(call.module))
+        seen.add(id(call.module))  # an encoder's shared module (ALBERT) gets one slot per call, in call order
         path = paths[id(call.module)]
         stack = _stack_of(call, path, kind, encoder_paths)
         layer_dims = dims.setdefault(stack, [])
