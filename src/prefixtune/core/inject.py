@@ -381,7 +381,9 @@ _PROBE: list[AttentionCall] | None = None
 def _record(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             mask: torch.Tensor | None, kwargs: dict[str, Any]) -> AttentionCall:
     q_len, kv_len = query.shape[2], key.shape[2]
-    if mask is None:
+    if kwargs.get("is_causal") is False:  # said so (the shims' encoder attention, whose masks are local)
+        causal = False
+    elif mask is None:
         flag = kwargs.get("is_causal")
         causal = q_len > 1 and bool(getattr(module, "is_causal", True) if flag is None else flag)
     elif mask.shape[-2] == 1 or mask.shape[-1] != kv_len:

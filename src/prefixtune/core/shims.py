@@ -1,9 +1,10 @@
 """Shims for attention computed inside a module of its own, outside transformers' attention interface.
 
 While a prefix is attached, each listed module (``LEGACY_ATTENTION``: OpenAI GPT; XLM / FlauBERT; the classic
-BERT self-attention of RemBERT, MegatronBERT, TAPAS and RoFormer; MPNet; DeBERTa v1, v2 and v3) gets one method
-replaced by the same arithmetic through the interface (``prefixtune_sdpa``, registered by ``inject.py``), so
-that the wrapper there puts the prefix in front of its keys and values and the probe of ``read_spec`` sees it.
+BERT self-attention of RemBERT, MegatronBERT, TAPAS and RoFormer; MPNet; DeBERTa v1, v2 and v3; LongT5's
+encoder) gets one method replaced by the same arithmetic through the interface (``prefixtune_sdpa``,
+registered by ``inject.py``), so that the wrapper there puts the prefix in front of its keys and values and
+the probe of ``read_spec`` sees it.
 Calls a shim does not cover (a cache that already holds tokens, cross-attention, decoders, EMD's separate
 queries) run the module's own method. Position biases (MPNet's relative bias, DeBERTa's c2p / p2c) join the
 additive mask over the real columns only: the prefix columns get content scores alone, as with T5.
@@ -13,6 +14,7 @@ With ``inject.py`` and ``cache.py``, one of the modules that reach into transfor
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -113,7 +115,7 @@ def _xlm_attention(module: nn.Module, input: torch.Tensor, mask: torch.Tensor, k
         k, v = own.update(k, v, module.layer_id)
     allowed = (mask != 0)[:, None, None, :] if mask.dim() == 2 else (mask != 0)[:, None]
     out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
-        module, q, k, v, allowed, scaling=module.head_dim ** -0.5, is_causal=False,
+        module, q, k, v, allowed, scaling=module.head_dim ** -0.5, is_causal=mask.dim() == 3,  # (B, q, kv): causal
         dropout=module.dropout if module.training else 0.0)
     return (module.out_lin(out.reshape(*input.shape[:-1], -1)),)
 
@@ -185,6 +187,58 @@ def _deberta_attention(module: nn.Module, hidden_states: torch.Tensor, attention
     return out.reshape(*hidden_states.shape[:-1], -1), None
 
 
+def _longt5_encoder_attention(module: nn.Module, hidden_states: torch.Tensor, mask: torch.Tensor | None = None,
+                              position_bias: torch.Tensor | None = None, output_attentions: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LongT5's encoder attention (local, and transient-global) through the interface: the module's own blocks
+    (each query block sees its 3 neighbouring key blocks, plus the global aggregates) become rows of one call,
+    (B * blocks, heads, block_len, keys), so every query block also sees the prefix, which has no position
+    (its columns get no bias). hidden_states: (B, T, d_model). Returns ((B, T, d_model), position_bias) as the
+    module does, the bias without prefix columns (the next layers reuse it)."""
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on LongT5 (its attention runs "
+                         "through sdpa, which computes no weights)")
+    lt = sys.modules[type(module).__module__]  # the module's own block helpers
+    b, t = hidden_states.shape[:2]
+    heads, d, bl = module.n_heads, module.key_value_proj_dim, module.block_len
+
+    def shape(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, -1, heads, d)
+
+    q = lt._split_into_blocks(shape(module.q(hidden_states)), bl, dim=1)  # (B, blocks, bl, heads, d)
+    k, v = (lt._concatenate_3_blocks(lt._split_into_blocks(shape(proj(hidden_states)), bl, dim=1), block_dim=1,
+                                     sequence_dim=2) for proj in (module.k, module.v))  # (B, blocks, 3 bl, heads, d)
+    transient = hasattr(module, "global_block_size")
+    if transient:
+        block_ids, segment_ids = lt._make_global_fixed_block_ids(
+            mask if mask is not None else torch.ones(hidden_states.shape[:-1]), module.global_block_size)
+        side = module.global_input_layer_norm(lt._create_global_aggregates(hidden_states, block_ids,
+                                                                            segment_ids.shape[-1]))
+        k, v = (torch.cat([x, shape(proj(side)).unsqueeze(1).expand(-1, x.shape[1], -1, -1, -1)], dim=2)
+                for x, proj in ((k, module.k), (v, module.v)))
+    if position_bias is None:  # as the module builds it (the first layer; the others get it passed)
+        if module.has_relative_attention_bias:
+            position_bias = module.compute_bias(bl)
+        else:
+            position_bias = torch.zeros((1, 1, heads, bl, 3 * bl), device=q.device, dtype=q.dtype)
+        local = mask
+        if transient and mask is not None:
+            local = lt._get_local_attention_mask(mask, bl, hidden_states.device)
+        if local is not None:
+            position_bias = position_bias + torch.where(local > 0, 0.0, -1e10).transpose(1, 2)
+        if transient:
+            full = mask if mask is not None else torch.ones(b, t)
+            side_bias = lt._split_into_blocks(module.compute_side_bias(full, segment_ids), bl, dim=-2).transpose(1, 2)
+            position_bias = torch.cat([position_bias.type(q.dtype), side_bias.type(q.dtype).to(q.device)], dim=-1)
+    blocks, keys = q.shape[1], k.shape[2]
+    q, k, v = (x.permute(0, 1, 3, 2, 4).reshape(b * blocks, heads, -1, d) for x in (q, k, v))
+    bias = position_bias.to(q.dtype).expand(b, blocks, heads, bl, keys).reshape(b * blocks, heads, bl, keys)
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, q, k, v, bias, scaling=1.0, is_causal=False, dropout=module.dropout if module.training else 0.0)
+    out = out.reshape(b, blocks * bl, heads * d)[:, :t]  # sdpa's output is (B * blocks, bl, heads, d)
+    return module.o(out), position_bias
+
+
 #: Attention modules that compute attention inside themselves, each routed through the interface by a shim
 #: that replaces one method with the same arithmetic (module class path -> (method, shim)).
 LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
@@ -197,6 +251,9 @@ LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
     "transformers.models.mpnet.modeling_mpnet.MPNetSelfAttention": ("forward", _mpnet_self_attention),
     "transformers.models.deberta_v2.modeling_deberta_v2.DisentangledSelfAttention": ("forward", _deberta_v2_attention),
     "transformers.models.deberta.modeling_deberta.DisentangledSelfAttention": ("forward", _deberta_attention),
+    "transformers.models.longt5.modeling_longt5.LongT5LocalAttention": ("forward", _longt5_encoder_attention),
+    "transformers.models.longt5.modeling_longt5.LongT5TransientGlobalAttention":
+        ("forward", _longt5_encoder_attention),
     "transformers.models.xlm.modeling_xlm.MultiHeadAttention": ("forward", _xlm_attention),
     "transformers.models.flaubert.modeling_flaubert.MultiHeadAttention": ("forward", _xlm_attention),
 }
