@@ -16,7 +16,7 @@ from prefixtune import PrefixConfig, attach
 
 SUPPORTED = [  # docs/support.md, "Encoder-decoders", supported
     "bart", "blenderbot", "blenderbot-small", "encoder-decoder", "longt5", "m2m_100", "marian", "mbart", "mt5",
-    "nllb-moe", "pegasus", "plbart", "seamless_m4t", "seamless_m4t_v2", "switch_transformers", "t5", "umt5",
+    "mvp", "nllb-moe", "pegasus", "plbart", "seamless_m4t", "seamless_m4t_v2", "switch_transformers", "t5", "umt5",
 ]
 
 
@@ -93,3 +93,17 @@ def test_longt5_encoder_carries_the_prefix_in_every_block(attention):
             ref = _band_reference(module, seen["h"], kv, mask.bool())
         handle.remove()
         torch.testing.assert_close(seen["out"][mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mvp_with_its_own_prompts_keeps_them_and_adds_the_prefix():
+    """MVP's attention (a shim) keeps the model's own task prompts in front of its keys; cross-attention is told
+    by its module name, since its keys hold the prompts besides the source."""
+    cfg = tiny_config("mvp")
+    cfg.use_prompt, cfg.prompt_length, cfg.prompt_mid_dim, cfg.decoder_start_token_id = True, 4, 16, 0
+    torch.manual_seed(0)
+    model = transformers.MvpForConditionalGeneration(cfg).eval()
+    gen = model.generation_config
+    gen.forced_bos_token_id = gen.forced_eos_token_id = None
+    gen.decoder_start_token_id = 0
+    seq2seq_contract(model)

@@ -2,7 +2,7 @@
 
 While a prefix is attached, each listed module (``LEGACY_ATTENTION``: OpenAI GPT; XLM / FlauBERT; the classic
 BERT self-attention of RemBERT, MegatronBERT, TAPAS and RoFormer; MPNet; DeBERTa v1, v2 and v3; LongT5's
-encoder) gets one method replaced by the same arithmetic through the interface (``prefixtune_sdpa``,
+encoder; MVP) gets one method replaced by the same arithmetic through the interface (``prefixtune_sdpa``,
 registered by ``inject.py``), so that the wrapper there puts the prefix in front of its keys and values and
 the probe of ``read_spec`` sees it.
 Calls a shim does not cover (a cache that already holds tokens, cross-attention, decoders, EMD's separate
@@ -239,6 +239,45 @@ def _longt5_encoder_attention(module: nn.Module, hidden_states: torch.Tensor, ma
     return module.o(out), position_bias
 
 
+def _mvp_attention(module: nn.Module, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None,
+                   past_key_values: Any = None, attention_mask: torch.Tensor | None = None,
+                   attn_prompt: torch.Tensor | None = None, output_attentions: bool = False, **kwargs: Any
+                   ) -> tuple[torch.Tensor, None]:
+    """MVP's BART-style attention (self and cross, with its cache, as its own) through the interface. Its own
+    task prompts (``attn_prompt``) stay in front of the keys, always visible, as the module puts them; the
+    prefix goes before them. hidden_states: (B, T, d_model). Returns ((B, T, d_model), None)."""
+    if output_attentions:
+        raise ValueError("output_attentions is not available with prefixtune on MVP (its attention runs "
+                         "through sdpa, which computes no weights)")
+    b, t, _ = hidden_states.shape
+    heads, d = module.num_heads, module.head_dim
+    cross = key_value_states is not None
+    own = past_key_values
+    if isinstance(past_key_values, EncoderDecoderCache):
+        own = past_key_values.cross_attention_cache if cross else past_key_values.self_attention_cache
+    if cross and own is not None and past_key_values.is_updated.get(module.layer_idx):
+        k, v = own.layers[module.layer_idx].keys, own.layers[module.layer_idx].values
+    else:
+        states = key_value_states if cross else hidden_states
+        k, v = (proj(states).view(b, -1, heads, d).transpose(1, 2) for proj in (module.k_proj, module.v_proj))
+        if own is not None:
+            k, v = own.update(k, v, module.layer_idx)
+            if cross and isinstance(past_key_values, EncoderDecoderCache):
+                past_key_values.is_updated[module.layer_idx] = True
+    if attn_prompt is not None:
+        k = torch.cat([attn_prompt[0].expand(b, -1, -1, -1), k], dim=2)
+        v = torch.cat([attn_prompt[1].expand(b, -1, -1, -1), v], dim=2)
+        if attention_mask is not None:
+            zeros = attention_mask.new_zeros(b, 1, t, attn_prompt[0].shape[1])
+            attention_mask = torch.cat([zeros, attention_mask], dim=-1)
+    q = module.q_proj(hidden_states).view(b, t, heads, d).transpose(1, 2)
+    causal = {} if attention_mask is not None else {"is_causal": False}  # no mask: nothing to block (encoder)
+    out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
+        module, q, k, v, attention_mask, scaling=module.scaling, dropout=module.dropout if module.training else 0.0,
+        **causal)
+    return module.out_proj(out.reshape(b, t, heads * d)), None
+
+
 #: Attention modules that compute attention inside themselves, each routed through the interface by a shim
 #: that replaces one method with the same arithmetic (module class path -> (method, shim)).
 LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
@@ -251,6 +290,7 @@ LEGACY_ATTENTION: dict[str, tuple[str, Callable[..., Any]]] = {
     "transformers.models.mpnet.modeling_mpnet.MPNetSelfAttention": ("forward", _mpnet_self_attention),
     "transformers.models.deberta_v2.modeling_deberta_v2.DisentangledSelfAttention": ("forward", _deberta_v2_attention),
     "transformers.models.deberta.modeling_deberta.DisentangledSelfAttention": ("forward", _deberta_attention),
+    "transformers.models.mvp.modeling_mvp.MvpAttention": ("forward", _mvp_attention),
     "transformers.models.longt5.modeling_longt5.LongT5LocalAttention": ("forward", _longt5_encoder_attention),
     "transformers.models.longt5.modeling_longt5.LongT5TransientGlobalAttention":
         ("forward", _longt5_encoder_attention),

@@ -181,7 +181,12 @@ def _stack_of(call: AttentionCall, path: str, kind: Kind, encoder_paths: set[str
         return "decoder"
     if any(path == e or path.startswith(e + ".") for e in encoder_paths):
         return "encoder"
+    if path.rsplit(".", 1)[-1] in _CROSS_NAMES:  # keys may hold more than the source (MVP's own prompts)
+        return "cross"
     return "cross" if call.kv_len == _ENC_LEN and call.q_len == _DEC_LEN else "decoder"
+
+
+_CROSS_NAMES = {"encoder_attn", "EncDecAttention", "cross_attn", "crossattention"}  # transformers' own names
 
 
 def _stack_spec(name: Stack, dims: list[LayerDims]) -> StackSpec:
