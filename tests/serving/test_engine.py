@@ -195,6 +195,14 @@ def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type
         assert engine.generate(prompts, SamplingParams(max_new_tokens=6), ["x"] * 3) == want, config
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32"])
+def test_a_model_whose_layers_differ_in_kv_shape_is_refused_by_the_engine(model_type):
+    """Multi-head latent attention: keys of 12 dims, values of 8. Before, the engine accepted the model and
+    failed at add_prefix with a shape mismatch that did not say why."""
+    with pytest.raises(ValueError, match="differ in their K/V shapes"):
+        Engine(tiny_causal_lm(model_type))
+
+
 def test_a_model_without_a_kv_cache_is_refused_by_the_engine():
     with pytest.raises(ValueError, match="OpenAIGPTLMHeadModel keeps none"):
         Engine(tiny_causal_lm("openai-gpt"))

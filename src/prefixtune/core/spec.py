@@ -44,9 +44,6 @@ CACHE_STATE = ("keeps a convolution / recurrent state beside the keys and values
                "previous token's projection): real past tokens set that state, a prefix of keys and values cannot, "
                "so it is refused")
 
-INDEXED = ("has indexed (sparse) attention: a learned indexer picks which cached keys each query attends to, "
-           "so prefix keys would be kept or dropped by the indexer rather than always seen; it is refused")
-
 # Decoder-only families that the cache route accepts mechanically but that cannot act as P real past tokens,
 # refused by name with the reason (the real-token check fails for them: scripts/support_matrix.py).
 INEXACT_CAUSAL = {
@@ -158,11 +155,11 @@ def _probe_ids(model: nn.Module, length: int) -> torch.Tensor:
 def _refuse_recurrent(model: nn.Module, name: str, model_type: str) -> None:
     cfg = _text_config(model.config)
     types = set(getattr(cfg, "layer_types", None) or [])
-    attention_like = {"full_attention", "sliding_attention", "attention", "chunked_attention", "global", "local",
-                      "sliding_window", "full", "hybrid", "hybrid_sliding", "compressed_sparse_attention",
-                      "heavily_compressed_attention"}
-    if "indexed_attention" in types:
-        raise ValueError(f"{name} (model_type={model_type!r}) {INDEXED}")
+    # indexed sparse attention (DeepSeek V3.2, GLM DSA): its indexer picks among the real keys; the prefix stays
+    # visible to every query (docs/support.md)
+    attention_like = {"indexed_attention", "full_attention", "sliding_attention", "attention", "chunked_attention",
+                      "global", "local", "sliding_window", "full", "hybrid", "hybrid_sliding",
+                      "compressed_sparse_attention", "heavily_compressed_attention"}
     recurrent = sorted(t for t in types if isinstance(t, str) and t not in attention_like)
     kinds = ("Mamba", "Mixer", "LinearAttention", "GatedDeltaNet", "ShortConv", "SSM", "Recurrent", "Retention")
     classes = sorted({type(m).__name__ for m in model.modules() if any(k in type(m).__name__ for k in kinds)})

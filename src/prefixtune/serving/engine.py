@@ -208,6 +208,11 @@ class Engine:
         if "past_key_values" not in inspect.signature(model.forward).parameters:
             raise ValueError(f"the engine decodes from a KV cache, and {self.spec.architecture} keeps none (its "
                              "forward takes no past_key_values); generate with PrefixModel.generate instead")
+        if not self.spec.stack("decoder").uniform:
+            raise ValueError(f"{self.spec.architecture}'s layers differ in their K/V shapes (key and value head "
+                             "dims that differ, as multi-head latent attention has, or per-layer dims), which the "
+                             "engine's caches, of one (heads, head_dim) for every layer, do not hold yet; generate "
+                             "with PrefixModel.generate instead")
         self.window = sliding_window_of(model)
         self.model = model.eval()
         self.config = config or EngineConfig()
