@@ -164,13 +164,14 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(monkeypa
         EngineConfig(prefill_chunk=0)
 
 
-@pytest.mark.parametrize("model_type", ["roberta", "roformer", "mpt", "bart", "bloom", "diffllama"])
+@pytest.mark.parametrize("model_type", ["roberta", "roformer", "mpt", "bart", "bloom", "diffllama", "mimo_v2_flash"])
 def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type):
     """Models carrying the prefix in their own cache: RoBERTa numbers positions from padding_idx + 1 (the
     engine adds the offset); RoFormer, MPT and BART's decoder count positions by cache column and take no
     position ids, so each request runs in a batch of its own (``rows_alone``); Bloom's ALiBi follows the mask,
     so its rows share a batch, and so do DiffLlama's (two attention calls over one cached K/V; RoPE from
-    position ids). Mixed prompt lengths, every prefill mode and cache layout."""
+    position ids). MiMo-V2-Flash (attention route) has layers of different K/V heads: its prefixes are flat
+    (P, width) and cut per layer. Mixed prompt lengths, every prefill mode and cache layout."""
     model = tiny_causal_lm(model_type)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -196,10 +197,11 @@ def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32"])
-def test_a_model_whose_layers_differ_in_kv_shape_is_refused_by_the_engine(model_type):
-    """Multi-head latent attention: keys of 12 dims, values of 8. Before, the engine accepted the model and
-    failed at add_prefix with a shape mismatch that did not say why."""
-    with pytest.raises(ValueError, match="differ in their K/V shapes"):
+def test_a_model_whose_cache_holds_a_latent_is_refused_by_the_engine(model_type):
+    """Multi-head latent attention caches a compressed latent (1 head of 16 + 4 dims here), not the K/V its
+    attention reads (4 heads of 12 / 8): the engine, which writes prefixes into the cache, refuses it at
+    construction. Before, it accepted the model and failed at add_prefix on a shape mismatch."""
+    with pytest.raises(ValueError, match="KV cache holds other shapes than its attention reads"):
         Engine(tiny_causal_lm(model_type))
 
 

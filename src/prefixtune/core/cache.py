@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from prefixtune.core.kv import layer_kv
+
+if TYPE_CHECKING:
+    from prefixtune.core.spec import StackSpec
 
 #: The engine's cache layouts: "dynamic" is transformers' ``DynamicCache`` (every appended token
 #: concatenates, i.e. copies, the whole cache; a join or a leave copies it too); "preallocated" keeps each
@@ -194,12 +197,14 @@ def layout_of(cache: DynamicCache) -> Layout:
 
 
 def cache_from_prefixes(prefixes: list[torch.Tensor | None], device: torch.device, dtype: torch.dtype,
-                        layout: Layout = "dynamic") -> tuple[DynamicCache, torch.Tensor]:
+                        layout: Layout = "dynamic", stack: StackSpec | None = None
+                        ) -> tuple[DynamicCache, torch.Tensor]:
     """A cache holding each row's prefix, right-aligned, and its (R, P_max) long mask.
 
-    prefixes: per row, (P_r, layers, 2, kv_heads, head_dim) or None (no prefix). Row r's prefix
-    occupies the last P_r of P_max columns; the columns before it are zeros with mask 0.
-    With P_max = 0 the cache is empty and the mask is (R, 0).
+    prefixes: per row, (P_r, layers, 2, kv_heads, head_dim), or (P_r, width) for a stack whose layers differ
+    in K/V shape (cut by ``stack``, its ``StackSpec``), or None (no prefix). Row r's prefix occupies the last
+    P_r of P_max columns; the columns before it are zeros with mask 0. With P_max = 0 the cache is empty and
+    the mask is (R, 0).
     """
     rows = len(prefixes)
     p_max = max((0 if p is None else p.shape[0]) for p in prefixes)
@@ -208,14 +213,16 @@ def cache_from_prefixes(prefixes: list[torch.Tensor | None], device: torch.devic
     if p_max == 0:
         return cache, mask
     first = next(p for p in prefixes if p is not None and p.shape[0] > 0)
-    _, layers, _, kv_heads, head_dim = first.shape
-    kv = torch.zeros(rows, p_max, layers, 2, kv_heads, head_dim, dtype=dtype, device=device)
+    if first.ndim == 2 and stack is None:
+        raise ValueError("a flat (P, width) prefix needs its StackSpec to be cut into layers")
+    layers = first.shape[1] if first.ndim == 5 else stack.num_layers  # type: ignore[union-attr]
+    kv = torch.zeros(rows, p_max, *first.shape[1:], dtype=dtype, device=device)
     for r, p in enumerate(prefixes):
         if p is not None and p.shape[0] > 0:
             kv[r, p_max - p.shape[0]:] = p
             mask[r, p_max - p.shape[0]:] = 1
     for layer in range(layers):
-        keys, values = layer_kv(kv, layer)  # each (R, kv_heads, P_max, head_dim)
+        keys, values = layer_kv(kv, layer, stack)  # each (R, kv_heads, P_max, head_dim)
         cache.update(keys.contiguous(), values.contiguous(), layer)
     return cache, mask
 

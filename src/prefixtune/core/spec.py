@@ -231,6 +231,23 @@ def _position_padding_idx(model: nn.Module) -> int | None:
     return None
 
 
+def cache_mismatch(model: nn.Module) -> str | None:
+    """Why ``model``'s own KV cache cannot carry its prefix as P past positions (None: it can): the cache
+    holds other shapes than the attention reads, as multi-head latent attention caches a compressed latent.
+    Cache-route models carry their prefix there by construction."""
+    spec = read_spec(model)
+    if spec.route == "cache" or spec.kind != "causal":
+        return None
+    stack = spec.stack("decoder")
+    cached = record_cache_shapes(model, input_ids=_probe_ids(model, 3))
+    read = [stack.dims(i) for i in range(stack.num_layers)]
+    if cached == read:
+        return None
+    return (f"{spec.architecture}'s KV cache holds other shapes than its attention reads (cache (key heads, key "
+            f"dim, value heads, value dim) {cached[0] if cached else None} against {read[0]}, as multi-head latent "
+            "attention caches a compressed latent), so a prefix cannot be written into it as past positions")
+
+
 def read_spec(model: nn.Module) -> ModelSpec:
     """Find every prefix-carrying attention layer of ``model`` and its K/V shapes (cached per model).
 

@@ -74,7 +74,7 @@ from torch import nn
 
 from prefixtune.core.cache import LAYOUTS, Layout, cache_from_prefixes, packing_refused_now
 from prefixtune.core.model import PrefixModel
-from prefixtune.core.spec import read_spec
+from prefixtune.core.spec import cache_mismatch, read_spec
 from prefixtune.errors import QueueFullError, UnknownPrefixError
 from prefixtune.serving.batch import ChunkedPrefill, RunningBatch, Sequence, StaticBatch
 from prefixtune.serving.generation import EventCallback, FinishReason, Generation
@@ -208,11 +208,10 @@ class Engine:
         if "past_key_values" not in inspect.signature(model.forward).parameters:
             raise ValueError(f"the engine decodes from a KV cache, and {self.spec.architecture} keeps none (its "
                              "forward takes no past_key_values); generate with PrefixModel.generate instead")
-        if not self.spec.stack("decoder").uniform:
-            raise ValueError(f"{self.spec.architecture}'s layers differ in their K/V shapes (key and value head "
-                             "dims that differ, as multi-head latent attention has, or per-layer dims), which the "
-                             "engine's caches, of one (heads, head_dim) for every layer, do not hold yet; generate "
-                             "with PrefixModel.generate instead")
+        mismatch = cache_mismatch(model)  # the engine writes each request's prefix into the model's own cache
+        if mismatch is not None:
+            raise ValueError(f"the engine serves from the model's KV cache, and {mismatch}; generate with "
+                             "PrefixModel.generate instead")
         self.window = sliding_window_of(model)
         self.model = model.eval()
         self.config = config or EngineConfig()
@@ -229,7 +228,8 @@ class Engine:
                            and self.spec.position_padding_idx is None and not self.spec.left_padding_exact)
         self.max_context = self.config.max_context or getattr(model.config, "max_position_embeddings", None) or 2**31
         self.runner = ModelRunner(model, self.device, self.dtype, self.config.kv_cache, self.config.compile_decode,
-                                  position_padding_idx=self.spec.position_padding_idx)
+                                  position_padding_idx=self.spec.position_padding_idx,
+                                  stack=self.spec.stack("decoder"))
         self.prefixes = PrefixRegistry(model, self.spec, self.device, self.dtype, self.max_context - 1,
                                        self.config.max_resident_prefixes)
         #: why joiners are not packed (None: they are); checked once, on this model
@@ -421,7 +421,8 @@ class Engine:
         chunk = self.config.prefill_chunk
         for seq in joiners:
             if chunk is not None and len(seq.gen.prompt_ids) > chunk:
-                cache, mask = cache_from_prefixes([seq.kv], self.device, self.dtype, self.config.kv_cache)
+                cache, mask = cache_from_prefixes([seq.kv], self.device, self.dtype, self.config.kv_cache,
+                                                  self.runner.stack)
                 self._chunked.append(ChunkedPrefill(seq, cache, mask))  # its first chunk runs in this step
         joiners = [s for s in joiners if chunk is None or len(s.gen.prompt_ids) <= chunk]
         shared = [s for s in joiners if not s.solo]

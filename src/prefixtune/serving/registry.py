@@ -68,7 +68,9 @@ class PrefixRegistry:
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
         self.max_length, self.max_resident = max_length, max_resident
         stack = spec.stack("decoder")
-        self.position_shape = (stack.num_layers, 2, stack.num_kv_heads, stack.head_dim)
+        #: one position of a prefix: (layers, 2, kv_heads, head_dim), or (width,) where layers differ (core/kv.py)
+        self.position_shape: tuple[int, ...] = ((stack.num_layers, 2, stack.num_kv_heads, stack.head_dim)
+                                                if stack.uniform else (stack.width,))
         self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._fingerprint: dict[str, Any] | None = None
@@ -176,7 +178,7 @@ class PrefixRegistry:
         return self._fingerprint
 
     def _checked(self, name: str, kv: torch.Tensor | None) -> torch.Tensor | None:
-        if kv is not None and (not isinstance(kv, torch.Tensor) or kv.ndim != 5
+        if kv is not None and (not isinstance(kv, torch.Tensor) or kv.ndim != 1 + len(self.position_shape)
                                or tuple(kv.shape[1:]) != self.position_shape):
             shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
             raise ValueError(f"prefix {name!r}: K/V of shape {shape}, expected (P, *{self.position_shape})")

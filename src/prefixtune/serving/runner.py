@@ -23,6 +23,7 @@ from prefixtune.core.cache import (
     packing_refused_now,
     unpack_rows,
 )
+from prefixtune.core.spec import StackSpec
 from prefixtune.serving.batch import RunningBatch, Sequence, StaticBatch
 from prefixtune.serving.generation import Generation
 from prefixtune.serving.sampling import SamplingParams
@@ -42,8 +43,10 @@ class ModelRunner:
     engine once it knows its layout) compiles them with static shapes instead of dynamic ones."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, prefill_layout: Layout,
-                 compile_mode: str = "off", pad_id: int = 0, position_padding_idx: int | None = None) -> None:
+                 compile_mode: str = "off", pad_id: int = 0, position_padding_idx: int | None = None,
+                 stack: StackSpec | None = None) -> None:
         self.model, self.device, self.dtype = model, device, dtype
+        self.stack = stack  # the decoder's StackSpec: cuts flat (P, width) prefixes (layers that differ) per layer
         # RoBERTa-like embeddings number positions from padding_idx + 1 (``ModelSpec.position_padding_idx``);
         # the engine counts from 0 (P_r + index), so every forward adds this to its position ids
         self.position_offset = 0 if position_padding_idx is None else position_padding_idx + 1
@@ -68,7 +71,7 @@ class ModelRunner:
     def group_prefill(self, kvs: list[torch.Tensor | None], prompts: list[Seq[int]]) -> Rows:
         """Prefill of R requests (prefix K/V (P_r, layers, 2, kv_heads, head_dim) or None, prompt), left-padded
         to the longest prompt: the rows' mask is (R, P_max + T)."""
-        cache, prefix_mask = cache_from_prefixes(kvs, self.device, self.dtype, self.prefill_layout)
+        cache, prefix_mask = cache_from_prefixes(kvs, self.device, self.dtype, self.prefill_layout, self.stack)
         t = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), t), self.pad_id, dtype=torch.long, device=self.device)
         token_mask = torch.zeros(len(prompts), t, dtype=torch.long, device=self.device)
@@ -95,7 +98,8 @@ class ModelRunner:
             segments.append(Segment(starts.get(id(kv), 0), p, start, len(prompt)))
             positions.append(torch.arange(p, p + len(prompt)))
             start += len(prompt)
-        cache, _ = cache_from_prefixes([torch.cat(distinct) if distinct else None], self.device, self.dtype)
+        cache, _ = cache_from_prefixes([torch.cat(distinct) if distinct else None], self.device, self.dtype,
+                                       stack=self.stack)
         ids = torch.tensor([t for prompt in prompts for t in prompt], dtype=torch.long, device=self.device)[None]
         last = torch.tensor([s.start + s.length - 1 for s in segments], device=self.device)
         with packed_attention(self.model, segments):
@@ -128,7 +132,7 @@ class ModelRunner:
             with torch.no_grad():
                 logits, cache, _ = self.packed_prefill(kvs, prompts)
                 for r, (k, prompt) in enumerate(zip(kvs, prompts, strict=True)):
-                    alone, prefix_mask = cache_from_prefixes([k], self.device, self.dtype)
+                    alone, prefix_mask = cache_from_prefixes([k], self.device, self.dtype, stack=self.stack)
                     ids = torch.tensor([prompt], device=self.device)
                     full = torch.cat([prefix_mask, torch.ones_like(ids)], dim=1)
                     positions = (full.cumsum(-1) - 1)[:, -len(prompt):]
