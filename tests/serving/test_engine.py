@@ -196,13 +196,19 @@ def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type
         assert engine.generate(prompts, SamplingParams(max_new_tokens=6), ["x"] * 3) == want, config
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32"])
-def test_a_model_whose_cache_holds_a_latent_is_refused_by_the_engine(model_type):
-    """Multi-head latent attention caches a compressed latent (1 head of 16 + 4 dims here), not the K/V its
-    attention reads (4 heads of 12 / 8): the engine, which writes prefixes into the cache, refuses it at
-    construction. Before, it accepted the model and failed at add_prefix on a shape mismatch."""
-    with pytest.raises(ValueError, match="KV cache holds other shapes than its attention reads"):
+@pytest.mark.parametrize(("model_type", "reason"), [
+    ("deepseek_v3", "holds other shapes than its attention reads (layer 0"),  # MLA: a compressed latent
+    ("deepseek_v32", "holds other shapes than its attention reads (layer 0"),
+    ("jetmoe", "holds other shapes than its attention reads (layer 0"),  # caches 2 heads, its attention reads 4
+    ("gemma3n_text", "keeps no standard per-layer cache"),  # layers that reuse another layer's K/V
+])
+def test_a_model_whose_cache_is_not_what_its_attention_reads_is_refused_by_the_engine(model_type, reason):
+    """The engine writes each request's prefix into the model's own cache. Where that cache holds other than
+    the K/V the attention reads, it is refused at construction. Before, MLA models failed at add_prefix on a
+    shape mismatch, and Gemma 3n and JetMoE were served with tokens other than PrefixModel.generate's."""
+    with pytest.raises(ValueError, match="the engine serves from the model's KV cache") as err:
         Engine(tiny_causal_lm(model_type))
+    assert reason in str(err.value)
 
 
 def test_a_model_without_a_kv_cache_is_refused_by_the_engine():

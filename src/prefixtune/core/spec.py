@@ -243,9 +243,17 @@ def cache_mismatch(model: nn.Module) -> str | None:
     read = [stack.dims(i) for i in range(stack.num_layers)]
     if cached == read:
         return None
-    return (f"{spec.architecture}'s KV cache holds other shapes than its attention reads (cache (key heads, key "
-            f"dim, value heads, value dim) {cached[0] if cached else None} against {read[0]}, as multi-head latent "
-            "attention caches a compressed latent), so a prefix cannot be written into it as past positions")
+    if not cached:
+        why = "keeps no standard per-layer cache (DynamicCache layers of keys and values)"
+    elif len(cached) != len(read):
+        why = (f"caches {len(cached)} layers for its {len(read)} attention layers (layers that reuse another "
+               "layer's K/V, as Gemma 3n's do)")
+    else:
+        diff = next(i for i, (c, r) in enumerate(zip(cached, read, strict=True)) if c != r)
+        why = (f"holds other shapes than its attention reads (layer {diff}: (key heads, key dim, value heads, "
+               f"value dim) {cached[diff]} cached, {read[diff]} read; multi-head latent attention caches a "
+               "compressed latent, JetMoE fewer heads)")
+    return (f"{spec.architecture}'s KV cache {why}, so a prefix cannot be written into it as P past positions")
 
 
 def read_spec(model: nn.Module) -> ModelSpec:
