@@ -164,14 +164,17 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(monkeypa
         EngineConfig(prefill_chunk=0)
 
 
-@pytest.mark.parametrize("model_type", ["roberta", "roformer", "mpt", "bart", "bloom", "diffllama", "mimo_v2_flash"])
+@pytest.mark.parametrize("model_type", ["roberta", "roformer", "mpt", "bart", "bloom", "diffllama", "mimo_v2_flash",
+                                        "git"])
 def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type):
     """Models carrying the prefix in their own cache: RoBERTa numbers positions from padding_idx + 1 (the
     engine adds the offset); RoFormer, MPT and BART's decoder count positions by cache column and take no
     position ids, so each request runs in a batch of its own (``rows_alone``); Bloom's ALiBi follows the mask,
     so its rows share a batch, and so do DiffLlama's (two attention calls over one cached K/V; RoPE from
     position ids). MiMo-V2-Flash (attention route) has layers of different K/V heads: its prefixes are flat
-    (P, width) and cut per layer. Mixed prompt lengths, every prefill mode and cache layout."""
+    (P, width) and cut per layer. GIT's attention does not honour the mask over cached left padding: the check
+    at construction (``batching_refused``) finds it, so its requests run alone; before, rows of a shared batch
+    got other tokens. Mixed prompt lengths, every prefill mode and cache layout."""
     model = tiny_causal_lm(model_type)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -192,7 +195,8 @@ def test_cache_route_models_serve_the_tokens_of_prefix_model_generate(model_type
     for config in (EngineConfig(), EngineConfig(prefill="grouped", max_prefill_padding=1e9),
                    EngineConfig(kv_cache="static"), EngineConfig(kv_cache="dynamic")):
         engine = _engine(model, {"x": kv}, config)
-        assert engine.rows_alone == (model_type in ("roformer", "mpt", "bart"))
+        assert engine.rows_alone == (model_type in ("roformer", "mpt", "bart", "git"))
+        assert (engine.batching_refused is not None) == engine.rows_alone
         assert engine.generate(prompts, SamplingParams(max_new_tokens=6), ["x"] * 3) == want, config
 
 

@@ -185,6 +185,9 @@ def sliding_window_of(model: nn.Module) -> int | None:
     """The model's attention window (None: full attention); ValueError if it cannot be served exactly."""
     window = getattr(model.config, "sliding_window", None)
     layer_types = getattr(model.config, "layer_types", None) or ()
+    if getattr(model.config, "use_sliding_window", None) is False or (
+            layer_types and not any("sliding" in str(t) for t in layer_types)):
+        return None  # a size the model does not use (Qwen2-MoE: use_sliding_window=False, full attention layers)
     if window is None and any("sliding" in str(t) for t in layer_types):
         raise ValueError(f"{type(model).__name__} has sliding-window layers but no sliding_window size")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -232,6 +235,13 @@ class Engine:
                                   stack=self.spec.stack("decoder"))
         self.prefixes = PrefixRegistry(model, self.spec, self.device, self.dtype, self.max_context - 1,
                                        self.config.max_resident_prefixes)
+        #: why each request runs in a batch of its own (None: rows share batches); checked once, on this model
+        self.batching_refused: str | None = (
+            "positions counted by cache column" if self.rows_alone
+            else self.runner.batching_refused(self.prefixes.position_shape, self.spec.vocab_size))
+        if self.batching_refused is not None and not self.rows_alone:
+            logger.info("engine: each request in a batch of its own: %s", self.batching_refused)
+            self.rows_alone = True
         #: why joiners are not packed (None: they are); checked once, on this model
         self.packing_refused: str | None = ("prefill='grouped'" if self.config.prefill == "grouped"
                                             else self.runner.packing_refused(self.prefixes.position_shape,

@@ -121,6 +121,29 @@ class ModelRunner:
         kv = torch.randn(3, *position_shape, generator=g).to(self.device, self.dtype)
         return [kv, None], [tuple(3 + i % (vocab_size - 3) for i in range(5)), (4, 3, 5, 4)]
 
+    def batching_refused(self, position_shape: tuple[int, ...], vocab_size: int) -> str | None:
+        """None if rows of different lengths share a batch exactly (two requests, one with a prefix, left-padded
+        into one prefill and one decode step, against each alone); otherwise why each request needs a batch of
+        its own (a model whose attention does not honour the mask over cached padding)."""
+        kvs, prompts = self._probe(position_shape, vocab_size)
+        try:
+            with torch.no_grad():
+                logits, cache, mask = self.group_prefill(kvs, prompts)
+                nxt = logits.argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                step = self.forward(nxt, mask, mask.sum(-1, keepdim=True) - 1, cache, decode=True)
+                for r, (k, prompt) in enumerate(zip(kvs, prompts, strict=True)):
+                    first, alone, own = self.group_prefill([k], [prompt])
+                    own = torch.cat([own, torch.ones_like(nxt[r:r + 1])], dim=1)
+                    second = self.forward(nxt[r:r + 1], own, own.sum(-1, keepdim=True) - 1, alone, decode=True)[0]
+                    for got, want, what in ((logits[r], first[0], "prefill"), (step[r], second, "decode")):
+                        if not torch.allclose(got, want, rtol=0, atol=_tolerance(self.dtype, want)):
+                            return (f"a left-padded row's {what} logits differ from the request alone by "
+                                    f"{(got - want).abs().max().item():.3g}")
+        except Exception as exc:  # a model that cannot run rows of different lengths together
+            return f"a batch of two rows failed: {type(exc).__name__}: {exc}"
+        return None
+
     def packing_refused(self, position_shape: tuple[int, ...], vocab_size: int) -> str | None:
         """None if a packed prefill gives this model's logits and cache (two requests, one with a
         prefix, against each alone); otherwise the reason packing is not used."""
