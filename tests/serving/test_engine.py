@@ -547,3 +547,11 @@ def test_packing_is_refused_where_it_would_not_be_exact_and_the_grouped_prefill_
         eager_engine = _engine(eager.requires_grad_(False), prefixes, config)
         assert eager_engine.generate([w[0] for w in work], [SamplingParams(max_new_tokens=w[2]) for w in work],
                                      [w[1] for w in work]) == expected
+
+
+def test_a_sliding_window_size_the_model_does_not_use_is_ignored():
+    """Qwen2-MoE's config carries sliding_window (0 here) with use_sliding_window=False and full-attention
+    layers: the engine serves it as full attention (before, it refused the model: "not a window size")."""
+    model = tiny_causal_lm("qwen2_moe")
+    assert model.config.use_sliding_window is False and model.config.sliding_window == 0
+    assert Engine(model).window is None
