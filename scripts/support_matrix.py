@@ -4,7 +4,8 @@ For each type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random model is bu
 (``tests/tiny_models.tiny_causal_lm``: 2 layers, width 32) and checked against the real-token rule
 (``tests/reference.real_token_equivalence``: logits and greedy tokens of a prefix initialized from
 t0's own K/V equal the base model's after [t0; x]). Beside it, PEFT's prefix tuning is run on the same
-tiny model (forward + 2 greedy tokens without an exception; PEFT makes no equivalence claim).
+tiny model (forward + 2 greedy tokens without an exception; PEFT makes no equivalence claim), and, for the
+supported ones, the serving engine against ``PrefixModel.generate`` (``_engine``).
 Then every encoder family is checked for P-tuning v2 (``check_encoder``) and every encoder-decoder for its
 three prefixes (``check_seq2seq``). Each type runs in its own forked
 process (memory and time limits), one at a time.
@@ -142,7 +143,43 @@ def check(model_type: str) -> dict:
     except Exception as exc:
         out["status"], out["reason"] = "fails", f"{type(exc).__name__}: {str(exc)[:240]}"
     out["peft"] = _peft(model_type)
+    if out["status"] == "supported":
+        out["engine"] = _engine(model_type)
     return out
+
+
+def _engine(model_type: str) -> str:
+    """The serving engine on this type: "exact" when its greedy tokens for three prompts of mixed lengths sharing
+    one prefix equal ``PrefixModel.generate``'s (default config, and grouped prefill), else why not."""
+    from tiny_models import VOCAB, tiny_causal_lm
+
+    from prefixtune import PrefixConfig, attach
+    from prefixtune.serving.engine import Engine, EngineConfig
+    from prefixtune.serving.sampling import SamplingParams
+
+    model = tiny_causal_lm(model_type)
+    gen = model.generation_config  # plain greedy on both sides: no EOS, no forced tokens (BART forces EOS)
+    gen.eos_token_id = gen.forced_eos_token_id = gen.forced_bos_token_id = None
+    try:
+        engine = Engine(model)
+    except ValueError as exc:
+        return f"refused: {exc}"
+    g = torch.Generator().manual_seed(0)
+    pm = attach(model, PrefixConfig(prefix_length=3, reparam=False))
+    with torch.no_grad():
+        pm.prefix.stacks["decoder"].table.normal_(0, 1, generator=g)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    want = [pm.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                        max_new_tokens=6, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    engine.add_prefix("x", pm)
+    kv = engine.prefixes.get("x")
+    pm.detach()
+    for config in (EngineConfig(), EngineConfig(prefill="grouped", max_prefill_padding=1e9)):
+        served = Engine(model, config)
+        served.add_prefix("x", kv)
+        if served.generate(prompts, SamplingParams(max_new_tokens=6), ["x"] * 3) != want:
+            return f"differs (prefill={config.prefill})"
+    return "exact" + (" (requests alone)" if served.rows_alone else "")
 
 
 ENCODER_TEST = "tests/core/test_encoders_by_mechanism.py"
@@ -279,7 +316,7 @@ def _peft(model_type: str) -> str:
         return f"fails ({type(exc).__name__})"
 
 
-def forked(fn, arg: str, timeout: int = 120, mem_gb: int = 8) -> dict:
+def forked(fn, arg: str, timeout: int = 180, mem_gb: int = 14) -> dict:
     """``fn(arg)`` in a child process with an address-space and time limit."""
     r, w = os.pipe()
     pid = os.fork()
@@ -307,6 +344,10 @@ def render(results: dict[str, dict], encoders: dict[str, dict], seq2seq: dict[st
     reasons = Counter(_reason(r["reason"]) for r in built.values() if r["status"] != "supported")
     peft = Counter(r["peft"] == "runs" for r in built.values())
     both = sum(r["status"] == "supported" for r in results.values() if r.get("peft") == "runs")
+    served = [r.get("engine", "") for r in built.values() if r["status"] == "supported"]
+    engine = {"exact": sum(e.startswith("exact") for e in served), "alone": sum("alone" in e for e in served),
+              "refused": sum(e.startswith("refused") for e in served),
+              "differs": sum(not e.startswith(("exact", "refused")) for e in served)}
     lines = [
         "# Supported models",
         "",
@@ -319,25 +360,29 @@ def render(results: dict[str, dict], encoders: dict[str, dict], seq2seq: dict[st
         f"- refused: {counts['refused']}, with the reason in the error; fails the check: {counts['fails']};",
         "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";",
         f"- PEFT {_peft_version()} prefix tuning runs (no equivalence claimed) on {peft[True]} of them "
-        f"({both} of those are also supported here).",
+        f"({both} of those are also supported here);",
+        f"- the serving engine gives `PrefixModel.generate`'s greedy tokens on {engine['exact']} of the supported "
+        f"types ({engine['alone']} of them with each request in a batch of its own), refuses {engine['refused']} "
+        f"with the reason, and differs on {engine['differs']}.",
         "",
         *DECISIONS,
         "",
-        "| model type | class | prefixtune | reason | PEFT prefix tuning |",
-        "|---|---|---|---|---|",
+        "| model type | class | prefixtune | reason | PEFT prefix tuning | serving engine |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += _rows(results)
+    lines += _rows(results, engine=True)
     return "\n".join(lines + render_encoders(encoders) + render_seq2seq(seq2seq)) + "\n"
 
 
-def _rows(results: dict[str, dict]) -> list[str]:
+def _rows(results: dict[str, dict], engine: bool = False) -> list[str]:
     lines = []
     for t, r in sorted(results.items()):
+        extra = f" {_cell(r.get('engine', ''))} |" if engine else ""
         if "build" in r:
-            lines.append(f"| {t} | {r.get('class', '')} | not built | {_cell(r['build'])} | |")
+            lines.append(f"| {t} | {r.get('class', '')} | not built | {_cell(r['build'])} | |" + extra)
         else:
             reason = "" if r["status"] == "supported" else _cell(r["reason"])
-            lines.append(f"| {t} | {r['class']} | {r['status']} | {reason} | {r['peft']} |")
+            lines.append(f"| {t} | {r['class']} | {r['status']} | {reason} | {r['peft']} |" + extra)
     return lines
 
 
