@@ -386,15 +386,21 @@ def _rows(results: dict[str, dict], engine: bool = False) -> list[str]:
     return lines
 
 
-def render_seq2seq(results: dict[str, dict]) -> list[str]:
-    """The encoder-decoder section: encoder, decoder and cross prefixes on every encoder-decoder family."""
-    if not results:
-        return []
+def _tally(results: dict[str, dict]) -> tuple[dict[str, dict], Counter, Counter, int, int]:
+    """The built types, their statuses, refusal reasons, PEFT's runs and the types both run."""
     built = {t: r for t, r in results.items() if "build" not in r}
     counts = Counter(r["status"] for r in built.values())
     reasons = Counter(_reason(r["reason"]) for r in built.values() if r["status"] != "supported")
     peft = sum(r["peft"] == "runs" for r in built.values())
     both = sum(r["status"] == "supported" and r["peft"] == "runs" for r in built.values())
+    return built, counts, reasons, peft, both
+
+
+def render_seq2seq(results: dict[str, dict]) -> list[str]:
+    """The encoder-decoder section: encoder, decoder and cross prefixes on every encoder-decoder family."""
+    if not results:
+        return []
+    built, counts, reasons, peft, both = _tally(results)
     return [
         "",
         "## Encoder-decoders",
@@ -428,11 +434,7 @@ def render_encoders(results: dict[str, dict]) -> list[str]:
     """The encoder section: P-tuning v2 on every encoder family (sequence classification)."""
     if not results:
         return []
-    built = {t: r for t, r in results.items() if "build" not in r}
-    counts = Counter(r["status"] for r in built.values())
-    reasons = Counter(_reason(r["reason"]) for r in built.values() if r["status"] != "supported")
-    peft = sum(r["peft"] == "runs" for r in built.values())
-    both = sum(r["status"] == "supported" and r["peft"] == "runs" for r in built.values())
+    built, counts, reasons, peft, both = _tally(results)
     return [
         "",
         "## Encoders (P-tuning v2)",
