@@ -62,7 +62,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from transformers.utils import ModelOutput
 
 from prefixtune.core.kv import layer_kv
-from prefixtune.core.shims import install_shims, remove_shims
+from prefixtune.core.shims import install_shims, remove_shims, self_attention_cache
 
 if TYPE_CHECKING:  # spec.py imports this module (its probe), so only for annotations
     from prefixtune.core.spec import ModelSpec, StackSpec
@@ -427,12 +427,6 @@ def record_attention_calls(model: nn.Module, **inputs: Any) -> list[AttentionCal
     return calls
 
 
-def _self_attention_cache(cache: Any) -> Any:
-    """The cache of a decoder's self-attention: ``cache`` itself, or the self-attention half of the
-    ``EncoderDecoderCache`` that BERT-style decoders (RemBERT, MegatronBERT) keep without an encoder."""
-    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-
-
 @torch.no_grad()
 def record_cache_shapes(model: nn.Module, **inputs: Any) -> list[tuple[int, int, int, int]]:
     """Run ``model(**inputs, use_cache=True)`` once; each cached layer's (key heads, key dim, value heads, value dim).
@@ -448,7 +442,7 @@ def record_cache_shapes(model: nn.Module, **inputs: Any) -> list[tuple[int, int,
         model.train(was_training)
     cache = getattr(out, "past_key_values", None)
     if isinstance(cache, EncoderDecoderCache) and cache.cross_attention_cache.get_seq_length() == 0:
-        cache = _self_attention_cache(cache)  # a BERT-style decoder (RemBERT, MegatronBERT) without an encoder
+        cache = self_attention_cache(cache)  # a BERT-style decoder (RemBERT, MegatronBERT) without an encoder
     if not isinstance(cache, DynamicCache):
         return []
     layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
@@ -730,7 +724,7 @@ class Injection:
         p = batch.kv["decoder"].shape[1]
         cache = kwargs.get("past_key_values")
         if cache is None or int(cache.get_seq_length()) == 0:
-            if cache is not None and not isinstance(_self_attention_cache(cache), DynamicCache):
+            if cache is not None and not isinstance(self_attention_cache(cache), DynamicCache):
                 raise ValueError(f"{self.spec.architecture} carries its prefix in the KV cache; "
                                  f"{type(cache).__name__} is not supported there (use the default DynamicCache)")
             wanted = kwargs.get("use_cache")
@@ -738,7 +732,7 @@ class Injection:
                 self._scratch_cache = cache = DynamicCache()  # the call keeps no cache: it is not returned (MPT's
                 # generate feeds the whole sequence each step and would otherwise get the prefix's cache back)
             cache = cache if cache is not None else DynamicCache()
-            _fill_cache(_self_attention_cache(cache), batch, bsz)
+            _fill_cache(self_attention_cache(cache), batch, bsz)
             kwargs["past_key_values"] = cache
             kwargs["use_cache"] = True
         past = int(cache.get_seq_length())
@@ -793,7 +787,7 @@ class Injection:
         store: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         if self.spec.route == "cache":
             out = self.model(**inputs, use_cache=True)
-            layers = _self_attention_cache(out.past_key_values).layers
+            layers = self_attention_cache(out.past_key_values).layers
             return {("decoder", i): (layer.keys, layer.values) for i, layer in enumerate(layers)}
         with self.active(PrefixBatch(kv={}, collect=store)):
             self.model(**inputs, use_cache=False)

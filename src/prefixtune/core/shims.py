@@ -25,12 +25,32 @@ from transformers import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
+def self_attention_cache(cache: Any) -> Any:
+    """The cache of a module's self-attention: ``cache`` itself, or the self-attention half of an
+    ``EncoderDecoderCache`` (XLM, and BERT-style decoders such as RemBERT and MegatronBERT, keep one)."""
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+
+def _no_weights(module: nn.Module) -> ValueError:
+    """The refusal of ``output_attentions`` by a shim (sdpa computes no attention weights)."""
+    return ValueError(f"output_attentions is not available with prefixtune on {type(module).__name__} (its "
+                      "attention runs through sdpa, which computes no weights)")
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 1/0 (or bool) mask as an additive one of ``dtype``: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed.bool(), torch.finfo(dtype).min)
+
+
 def _openai_gpt_attn(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      attention_mask: torch.Tensor | None = None, output_attentions: bool = False) -> list[Any]:
     """OpenAI GPT's ``Attention._attn`` through the attention interface (``prefixtune_sdpa``), so that a prefix
     reaches it. q, v: (B, heads, T, d); k arrives transposed, (B, heads, d, T); its causal mask is the module's
     ``bias`` buffer (1/0, top-left), masked at -1e4 as the module does, plus the model's additive mask. Returns
     [(B, heads, T, d)] as the module's own does (the weights are not computed: sdpa)."""
+    if output_attentions:
+        raise _no_weights(module)
     t = q.shape[-2]
     mask = (1.0 - module.bias[:, :, :t, :t].to(q.dtype)) * -1e4
     if attention_mask is not None:
@@ -39,8 +59,6 @@ def _openai_gpt_attn(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: tor
     out, _ = ALL_ATTENTION_FUNCTIONS["prefixtune_sdpa"](
         module, q, k.transpose(-1, -2), v, mask, scaling=scaling,
         dropout=module.attn_dropout.p if module.training else 0.0)
-    if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on OpenAI GPT (sdpa computes no weights)")
     return [out.transpose(1, 2)]
 
 
@@ -59,8 +77,7 @@ def _bert_self_attention(outputs: str) -> Callable[..., Any]:
                 or a.get("past_key_values") is not None):
             return own(module, *args, **kwargs)
         if a.get("output_attentions") or extra.get("output_attentions"):
-            raise ValueError(f"output_attentions is not available with prefixtune on {type(module).__name__} "
-                             "(its attention runs through sdpa, which computes no weights)")
+            raise _no_weights(module)
         hidden = a["hidden_states"]
         shape = (*hidden.shape[:-1], -1, module.attention_head_size)
         q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (module.query, module.key, module.value))
@@ -84,8 +101,7 @@ def _mpnet_self_attention(module: nn.Module, hidden_states: torch.Tensor, attent
     additive mask, so the prefix columns get none (they have no position, as T5's). Returns ((B, T, hidden),)
     after its output projection, as the module does."""
     if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on MPNet (its attention runs "
-                         "through sdpa, which computes no weights)")
+        raise _no_weights(module)
     shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
     q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (module.q, module.k, module.v))
     mask = attention_mask
@@ -106,11 +122,10 @@ def _xlm_attention(module: nn.Module, input: torch.Tensor, mask: torch.Tensor, k
     if kv is not None:
         return type(module).forward(module, input, mask, kv, cache, output_attentions, **kwargs)
     if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on XLM (its attention runs "
-                         "through sdpa, which computes no weights)")
+        raise _no_weights(module)
     shape = (*input.shape[:-1], module.n_heads, module.head_dim)
     q, k, v = (proj(input).view(shape).transpose(1, 2) for proj in (module.q_lin, module.k_lin, module.v_lin))
-    own = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    own = self_attention_cache(cache)
     if own is not None:
         k, v = own.update(k, v, module.layer_id)
     allowed = (mask != 0)[:, None, None, :] if mask.dim() == 2 else (mask != 0)[:, None]
@@ -133,15 +148,13 @@ def _deberta_v2_attention(module: nn.Module, hidden_states: torch.Tensor, attent
         return type(module).forward(module, hidden_states, attention_mask, output_attentions, query_states,
                                     relative_pos, rel_embeddings)
     if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on DeBERTa-v2 (its attention runs "
-                         "through sdpa, which computes no weights)")
+        raise _no_weights(module)
     b, t, _ = hidden_states.shape
     heads = module.num_attention_heads
     q, k, v = (module.transpose_for_scores(proj(hidden_states), heads)  # (B * heads, T, d)
                for proj in (module.query_proj, module.key_proj, module.value_proj))
     scale_factor = 1 + ("c2p" in module.pos_att_type) + ("p2c" in module.pos_att_type)
-    mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-        ~attention_mask.bool(), torch.finfo(q.dtype).min)
+    mask = _additive(attention_mask, q.dtype)
     if module.relative_attention:
         rel = module.disentangled_attention_bias(q, k, relative_pos, module.pos_dropout(rel_embeddings), scale_factor)
         if rel is not None:
@@ -169,15 +182,13 @@ def _deberta_attention(module: nn.Module, hidden_states: torch.Tensor, attention
         raise ValueError("DeBERTa with talking_head=True mixes the heads' attention scores; prefixtune does not "
                          "carry a prefix through that mixing")
     if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on DeBERTa (its attention runs "
-                         "through sdpa, which computes no weights)")
+        raise _no_weights(module)
     q, k, v = module.transpose_for_scores(module.in_proj(hidden_states)).chunk(3, dim=-1)  # (B, heads, T, d)
     q = q + module.transpose_for_scores(module.q_bias[None, None, :])
     v = v + module.transpose_for_scores(module.v_bias[None, None, :])
     scale_factor = 1 + len(module.pos_att_type)
     q = q / torch.sqrt(torch.tensor(q.shape[-1], dtype=torch.float) * scale_factor).to(q.dtype)
-    mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-        ~attention_mask.bool(), torch.finfo(q.dtype).min)
+    mask = _additive(attention_mask, q.dtype)
     if module.relative_attention and rel_embeddings is not None and relative_pos is not None:
         rel = module.disentangled_att_bias(q, k, relative_pos, module.pos_dropout(rel_embeddings), scale_factor)
         if rel is not None:
@@ -196,8 +207,7 @@ def _longt5_encoder_attention(module: nn.Module, hidden_states: torch.Tensor, ma
     (its columns get no bias). hidden_states: (B, T, d_model). Returns ((B, T, d_model), position_bias) as the
     module does, the bias without prefix columns (the next layers reuse it)."""
     if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on LongT5 (its attention runs "
-                         "through sdpa, which computes no weights)")
+        raise _no_weights(module)
     lt = sys.modules[type(module).__module__]  # the module's own block helpers
     b, t = hidden_states.shape[:2]
     heads, d, bl = module.n_heads, module.key_value_proj_dim, module.block_len
@@ -247,8 +257,7 @@ def _mvp_attention(module: nn.Module, hidden_states: torch.Tensor, key_value_sta
     task prompts (``attn_prompt``) stay in front of the keys, always visible, as the module puts them; the
     prefix goes before them. hidden_states: (B, T, d_model). Returns ((B, T, d_model), None)."""
     if output_attentions:
-        raise ValueError("output_attentions is not available with prefixtune on MVP (its attention runs "
-                         "through sdpa, which computes no weights)")
+        raise _no_weights(module)
     b, t, _ = hidden_states.shape
     heads, d = module.num_heads, module.head_dim
     cross = key_value_states is not None

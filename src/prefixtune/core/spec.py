@@ -306,11 +306,11 @@ def _read_spec(model: nn.Module) -> ModelSpec:
         kind = "causal" if all(c.causal for c in calls) else "encoder"
         if any(c.causal for c in calls) and kind == "encoder":
             raise ValueError(f"{name}: some attention layers are causal and some are not; prefixtune needs one kind")
-        if kind == "causal" and not _takes_position_ids(model, seq2seq):
-            return _cache_route_spec(model, name, model_type, seq2seq, inputs)
-        if kind == "causal" and len({id(c.module) for c in calls}) < len(calls):
-            # One module, several attention calls (DiffLlama's two softmaxes over one K and a split V): the
-            # model's cache holds that layer's K/V once, before the module derives its calls' inputs from them.
+        # The cache route where positions do not come from position_ids, or where one module makes several
+        # attention calls (DiffLlama's two softmaxes over one K and a split V): the model's cache holds that
+        # layer's K/V once, before the module derives its calls' inputs from them.
+        if kind == "causal" and (not _takes_position_ids(model, seq2seq)
+                                 or len({id(c.module) for c in calls}) < len(calls)):
             return _cache_route_spec(model, name, model_type, seq2seq, inputs)
     encoder_paths: set[str] = set()
     if seq2seq:
