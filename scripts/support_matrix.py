@@ -339,11 +339,7 @@ def forked(fn, arg: str, timeout: int = 180, mem_gb: int = 14) -> dict:
 
 
 def render(results: dict[str, dict], encoders: dict[str, dict], seq2seq: dict[str, dict]) -> str:
-    built = {t: r for t, r in results.items() if "build" not in r}
-    counts = Counter(r["status"] for r in built.values())
-    reasons = Counter(_reason(r["reason"]) for r in built.values() if r["status"] != "supported")
-    peft = Counter(r["peft"] == "runs" for r in built.values())
-    both = sum(r["status"] == "supported" for r in results.values() if r.get("peft") == "runs")
+    built, counts, reasons, peft, both = _tally(results)
     served = [r.get("engine", "") for r in built.values() if r["status"] == "supported"]
     engine = {"exact": sum(e.startswith("exact") for e in served), "alone": sum("alone" in e for e in served),
               "refused": sum(e.startswith("refused") for e in served),
@@ -357,9 +353,8 @@ def render(results: dict[str, dict], encoders: dict[str, dict], seq2seq: dict[st
         f"- **supported: {counts['supported']}**: a prefix initialized from the model's own K/V of real tokens t0",
         "  gives the base model's logits and greedy tokens after [t0; x], proven by",
         f"  `{TEST}`;",
-        f"- refused: {counts['refused']}, with the reason in the error; fails the check: {counts['fails']};",
-        "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";",
-        f"- PEFT {_peft_version()} prefix tuning runs (no equivalence claimed) on {peft[True]} of them "
+        *_refused_lines(counts, reasons),
+        f"- PEFT {_peft_version()} prefix tuning runs (no equivalence claimed) on {peft} of them "
         f"({both} of those are also supported here);",
         f"- the serving engine gives `PrefixModel.generate`'s greedy tokens on {engine['exact']} of the supported "
         f"types ({engine['alone']} of them with each request in a batch of its own), refuses {engine['refused']} "
@@ -384,6 +379,12 @@ def _rows(results: dict[str, dict], engine: bool = False) -> list[str]:
             reason = "" if r["status"] == "supported" else _cell(r["reason"])
             lines.append(f"| {t} | {r['class']} | {r['status']} | {reason} | {r['peft']} |" + extra)
     return lines
+
+
+def _refused_lines(counts: Counter, reasons: Counter) -> list[str]:
+    """A section's refused / failed counts and its refusals by reason."""
+    return [f"- refused: {counts['refused']}, with the reason in the error; fails the check: {counts['fails']};",
+            "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";"]
 
 
 def _tally(results: dict[str, dict]) -> tuple[dict[str, dict], Counter, Counter, int, int]:
@@ -413,8 +414,7 @@ def render_seq2seq(results: dict[str, dict]) -> list[str]:
         "  changes the logits and cached greedy generation equals full recomputation",
         f"  (`tests/reference.seq2seq_contract`, over every supported type in `{SEQ2SEQ_TEST}`; every",
         "  attention against a hand-written one for BART and T5 in `tests/core/test_model.py`);",
-        f"- refused: {counts['refused']}, with the reason in the error; fails the check: {counts['fails']};",
-        "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";",
+        *_refused_lines(counts, reasons),
         f"- PEFT {_peft_version()} prefix tuning (SEQ_2_SEQ_LM) generates on {peft} of them ({both} of those "
         "also supported here).",
         "",
@@ -446,8 +446,7 @@ def render_encoders(results: dict[str, dict]) -> list[str]:
         "  the base logits, a padded row gives the row alone and the prefix changes the logits (every layer",
         f"  against a hand-written attention in `{ENCODER_TEST}` for the shimmed families, and in",
         "  `tests/core/test_encoders.py` for BERT / DistilBERT);",
-        f"- refused: {counts['refused']}, with the reason in the error; fails the check: {counts['fails']};",
-        "  by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ";",
+        *_refused_lines(counts, reasons),
         f"- PEFT {_peft_version()} prefix tuning (SEQ_CLS) runs on {peft} of them ({both} of those also "
         "supported here).",
         "",
