@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,31 @@ def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat([-b, a], dim=-1)
+
+
+@contextmanager
+def attention_calls(model, spec):
+    """Within the block, record each prefix-carrying attention module's last call: {(stack, layer): (its
+    arguments by name, in signature order, extra keyword arguments after them; its output[0])}."""
+    records = {}
+    modules = dict(model.named_modules())
+
+    def hook_for(slot):
+        def hook(mod, args, kwargs, output):
+            call = dict(inspect.signature(type(mod).forward).bind(mod, *args, **kwargs).arguments)
+            call.pop("self", None)
+            extra = call.pop("kwargs", {})
+            records[slot] = ({**call, **{k: v for k, v in extra.items() if k not in call}}, output[0])
+
+        return hook
+
+    handles = [modules[path].register_forward_hook(hook_for((stack, layer)), with_kwargs=True)
+               for path, stack, layer in spec.slots]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _attend(q, k, v, allowed, scale, bias=None):

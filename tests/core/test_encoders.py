@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from reference import attention_calls
 from tiny_models import VOCAB
 from transformers import (
     BertConfig,
@@ -106,24 +107,14 @@ def test_every_layer_matches_hand_written_attention(name, attn):
     pm = attach_classifier(model, PrefixConfig(prefix_length=3, reparam=False))
     _randomize(pm)
     modules = dict(model.named_modules())
-    seen = {}
-
-    def hook_for(layer):
-        def hook(mod, args, kwargs, output):
-            seen[layer] = (args[0] if args else kwargs["hidden_states"], output[0])
-
-        return hook
-
-    handles = [modules[path].register_forward_hook(hook_for(layer), with_kwargs=True)
-               for path, _, layer in pm.spec.slots]
     ids, mask = _batch()
-    pm(input_ids=ids, attention_mask=mask)
-    for h in handles:
-        h.remove()
+    with attention_calls(model, pm.spec) as seen:
+        pm(input_ids=ids, attention_mask=mask)
     s = pm.spec.stack("encoder")
     kv = pm.prefix.stacks["encoder"].table.view(3, s.num_layers, 2, s.num_kv_heads, s.head_dim)
-    for path, _, layer in pm.spec.slots:
-        hidden, out = seen[layer]
+    for path, stack, layer in pm.spec.slots:
+        call, out = seen[(stack, layer)]
+        hidden = next(iter(call.values()))  # BERT's hidden_states, DistilBERT's query
         ref = _hand_attention(modules[path], name, hidden, kv[:, layer], mask.bool())
         rows = mask.bool()  # padded query positions are not compared
         torch.testing.assert_close(out[rows], ref[rows], atol=1e-5, rtol=1e-5)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 import transformers
+from reference import attention_calls
 from tiny_models import VOCAB, tiny_config
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
@@ -149,23 +149,12 @@ def test_attention_outside_the_interface_carries_the_prefix_in_every_layer(model
         torch.testing.assert_close(pm(input_ids=ids, attention_mask=mask).logits, base, atol=1e-5, rtol=1e-5)
     pm.prefix.stacks["encoder"].table.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     modules = dict(model.named_modules())
-    seen = {}
-
-    def hook_for(layer):
-        def hook(mod, args, kwargs, output):
-            call = inspect.signature(type(mod).forward).bind(mod, *args, **kwargs).arguments
-            seen[layer] = ({**call.pop("kwargs", {}), **call}, output[0])
-        return hook
-
-    handles = [modules[path].register_forward_hook(hook_for(layer), with_kwargs=True)
-               for path, _, layer in pm.spec.slots]
-    both = pm(input_ids=ids, attention_mask=mask).logits
-    for h in handles:
-        h.remove()
+    with attention_calls(model, pm.spec) as seen:
+        both = pm(input_ids=ids, attention_mask=mask).logits
     s = pm.spec.stack("encoder")
     kv = pm.prefix.stacks["encoder"].table.view(3, s.num_layers, 2, s.num_kv_heads, s.head_dim)
-    for path, _, layer in pm.spec.slots:
-        call, out = seen[layer]
+    for path, stack, layer in pm.spec.slots:
+        call, out = seen[(stack, layer)]
         ref = _hand_attention(modules[path], call, kv[:, layer], mask.bool())
         torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
     alone = pm(input_ids=ids[1:, :3], attention_mask=mask[1:, :3]).logits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import llama_logits, seq2seq_attention
+from reference import attention_calls, llama_logits, seq2seq_attention
 from tiny_models import CAUSAL, SEQ2SEQ, VOCAB, tiny
 from transformers import DynamicCache
 
@@ -107,25 +107,6 @@ def test_causal_logits_match_a_kv_cache_of_p_past_tokens(name):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-def _capture(model, spec):
-    records = {}
-    modules = dict(model.named_modules())
-
-    def hook_for(slot):
-        def hook(mod, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            other = kwargs.get("key_value_states")
-            if other is None:
-                other = kwargs.get("encoder_hidden_states")
-            records[slot] = (hidden, other if other is not None else hidden, output[0])
-
-        return hook
-
-    handles = [modules[path].register_forward_hook(hook_for((stack, layer)), with_kwargs=True)
-               for path, stack, layer in spec.slots]
-    return records, handles
-
-
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("name", SEQ2SEQ)
 def test_seq2seq_every_attention_matches_reference(name, attn):
@@ -136,18 +117,18 @@ def test_seq2seq_every_attention_matches_reference(name, attn):
     ids = _ids(2, 6)
     enc_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     dec = _ids(2, 5, seed=3)
-    records, handles = _capture(model, pm.spec)
-    with torch.no_grad():
+    with attention_calls(model, pm.spec) as records, torch.no_grad():
         pm(input_ids=ids, attention_mask=enc_mask, decoder_input_ids=dec)
-    for h in handles:
-        h.remove()
     assert len(records) == len(pm.spec.slots)
     modules = dict(model.named_modules())
     s, t = ids.shape[1], dec.shape[1]
     pad_allowed = enc_mask.bool()[:, None, None, :]
     causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
     for path, stack, layer in pm.spec.slots:
-        hidden, other, out = records[(stack, layer)]
+        call, out = records[(stack, layer)]
+        hidden = call["hidden_states"]
+        other = next((call[k] for k in ("key_value_states", "encoder_hidden_states") if call.get(k) is not None),
+                     hidden)
         sp = pm.spec.stack(stack)
         kv = _flat(pm, stack).view(3, sp.num_layers, 2, sp.num_kv_heads, sp.head_dim)[:, layer]
         allowed = {"encoder": pad_allowed, "decoder": causal, "cross": pad_allowed}[stack]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from reference import seq2seq_contract
+from reference import attention_calls, seq2seq_contract
 from tiny_models import tiny_config, tiny_seq2seq_lm
 
 from prefixtune import PrefixConfig, attach
@@ -83,16 +83,13 @@ def test_longt5_encoder_carries_the_prefix_in_every_block(attention):
         mask = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
         path = next(p for p, stack, layer in pm.spec.slots if stack == "encoder" and layer == 0)
         module = model.get_submodule(path)
-        seen = {}
-        handle = module.register_forward_hook(lambda mod, args, kwargs, out: seen.update(h=args[0], out=out[0]),
-                                              with_kwargs=True)
-        with torch.no_grad():
+        with attention_calls(model, pm.spec) as seen, torch.no_grad():
             pm(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :2])
             s = pm.spec.stack("encoder")
             kv = pm.prefix.stacks["encoder"].table.view(3, s.num_layers, 2, s.num_kv_heads, s.head_dim)[:, 0]
-            ref = _band_reference(module, seen["h"], kv, mask.bool())
-        handle.remove()
-        torch.testing.assert_close(seen["out"][mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+            call, out = seen[("encoder", 0)]
+            ref = _band_reference(module, call["hidden_states"], kv, mask.bool())
+        torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.usefixtures("one_thread")
