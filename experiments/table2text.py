@@ -22,12 +22,16 @@ allows, with SmolLM2-135M-Instruct:
 
 Runs are resumable and shared by ``--workers`` processes (each claims a run by creating its directory's
 claim file; a claim whose process is gone is taken over). Every run's decoded text is kept in its
-``result.json`` and re-scored here, so the tables always use the current metric code.
+``result.json`` and re-scored here, so the tables always use the current metric code. The CSV
+(``--csv``, committed) is the record: a run whose row it holds is not run again, and where its
+``result.json`` is absent (a fresh clone) the row is used as it stands, so the page rebuilds from the
+record alone (``--no-run``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -76,6 +80,23 @@ def load(root: Path, spec: RunSpec) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_record(path: Path) -> dict[str, dict[str, Any]]:
+    """The CSV's rows by run key, numbers as numbers and empty cells left out (as ``_row`` makes them)."""
+    if not path.is_file():
+        return {}
+
+    def value(cell: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(cell)
+            except ValueError:
+                pass
+        return cell
+
+    with path.open(newline="") as f:
+        return {row["key"]: {k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)}
+
+
 def rescored(spec: RunSpec, result: dict[str, Any], split: str, scorer: Any) -> dict[str, dict]:
     """The run's ``split`` predictions scored now (the references come from the data, in the same order),
     METEOR by ``scorer`` (None: left out)."""
@@ -107,10 +128,10 @@ def _claim(root: Path, spec: RunSpec) -> bool:
     return True
 
 
-def work(root: Path) -> None:
-    """One worker: the plan, each run claimed so that workers never share one."""
+def work(root: Path, record: dict[str, dict[str, Any]]) -> None:
+    """One worker: the plan less the runs in ``record``, each run claimed so that workers never share one."""
     for spec in plan():
-        if load(root, spec) is None and _claim(root, spec):
+        if spec.key not in record and load(root, spec) is None and _claim(root, spec):
             print(f"=== {spec.key}", flush=True)
             t0 = time.perf_counter()
             run(spec, root)
@@ -129,11 +150,13 @@ def mean_std(values: list[float], digits: int = 1) -> str:
     return cell + (f" ({len(values)} seed{'s' if len(values) > 1 else ''})" if len(values) < len(SEEDS) else "")
 
 
-def collect(root: Path) -> list[dict[str, Any]]:
-    """One row per finished run (test metrics re-scored, by one METEOR process for all of them)."""
+def collect(root: Path, record: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per finished run: re-scored from its ``result.json`` (one METEOR process for all of them),
+    else ``record``'s row."""
     scorer = meteor_scorer()
     try:
-        return [row for spec in plan() if (row := _row(root, spec, scorer)) is not None]
+        rows = (_row(root, spec, scorer) or record.get(spec.key) for spec in plan())
+        return [row for row in rows if row is not None]
     finally:
         if scorer is not None:
             scorer.close()
@@ -164,19 +187,21 @@ def main() -> None:
     ap.add_argument("--csv", default="docs/results/table2text.csv")
     ap.add_argument("--doc", default="docs/table2text.md")
     args = ap.parse_args()
-    root = Path(args.root)
+    root, csv_path = Path(args.root), Path(args.csv)
+    record = read_record(csv_path)
     if args.worker:
-        work(root)
+        work(root, record)
         return
     if not args.no_run:
         env = os.environ | {"OMP_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--root", str(root)], env=env)
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--root", str(root), "--csv", str(csv_path)],
+                                  env=env)
                  for _ in range(args.workers)]
         codes = [p.wait() for p in procs]
         if any(codes):
             raise SystemExit(f"a worker failed (exit codes {codes}); rerun to resume")
-    rows = collect(root)
-    write_csv(rows, Path(args.csv), fields=list(dict.fromkeys(k for row in rows for k in row)))
+    rows = collect(root, record)
+    write_csv(rows, csv_path, fields=list(dict.fromkeys(k for row in rows for k in row)))
     from table2text_report import write_report
 
     write_report(rows, Path(args.doc))
