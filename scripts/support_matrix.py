@@ -69,8 +69,10 @@ DECISIONS = [
     "  LFM2, Qwen3-Next, ...) are refused: K/V on their attention layers would not act as real past tokens,",
     "  because the recurrent state of those tokens is missing;",
     "- attention whose cache keeps a convolution / recurrent state beside K/V (Zaya's CCA) is refused: that",
-    "  state of real past tokens is not K/V; CPM-Ant is refused by name: its forward rebuilds every call from the",
-    "  full input_ids behind its own prompt tokens and drops as many leading positions as its cache holds;",
+    "  state of real past tokens is not K/V;",
+    "- a causal LM whose forward lets a position see later ones (CPM-Ant's attends both ways over its whole",
+    "  input: the first position's output changes with the last token) is refused, found by that probe, not",
+    "  by name: a causal loss would see its labels, and no prefix acts as past tokens of such a sequence;",
     "- indexed sparse attention (DeepSeek V3.2, GLM DSA, ...): the indexer picks index_topk of the real keys for",
     "  each query; the prefix has no indexer keys and stays visible to every query. While the context is within",
     "  index_topk (the indexer picks every key) this equals P real past tokens; past it, `PrefixModel.forward`",
@@ -97,8 +99,8 @@ def _reason(message: str) -> str:
     """A short class of refusal, for the counts."""
     if "attention interface" in message:
         return "attention not through the interface"
-    if "fails the real-token check" in message:
-        return "fails the real-token check"
+    if "not a causal language model" in message:
+        return "forward not causal"
     if "indexed (sparse) attention" in message:
         return "indexed sparse attention"
     if "beside the keys and values" in message:

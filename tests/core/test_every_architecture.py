@@ -9,11 +9,12 @@ here on a tiny model built from the family's own config (2 layers, width 32).
 from __future__ import annotations
 
 import pytest
+import torch
 from reference import real_token_equivalence
 from tiny_models import tiny_causal_lm
 
 from prefixtune import PrefixConfig, attach
-from prefixtune.core.spec import CACHE_STATE, INEXACT, NOT_INTERFACE, RECURRENT, read_spec
+from prefixtune.core.spec import CACHE_STATE, NOT_CAUSAL, NOT_INTERFACE, RECURRENT, read_spec
 
 SUPPORTED = [  # docs/support.md, "supported"
     "afmoe", "apertus", "arcee", "aria_text", "axk1", "axk2", "bart", "beam", "bert", "bert-generation", "big_bird",
@@ -39,7 +40,8 @@ REFUSED = {
     "prophetnet": NOT_INTERFACE,
     "mamba": RECURRENT,
     "qwen3_next": RECURRENT,
-    "cpmant": INEXACT,
+    "cpmant": NOT_CAUSAL,
+    "xlnet": NOT_CAUSAL,
     "zaya": CACHE_STATE,
 }
 
@@ -57,6 +59,21 @@ def test_refused_types_name_the_class_and_the_reason(model_type):
         attach(model, PrefixConfig(prefix_length=2))
     assert type(model).__name__ in str(err.value)
     assert REFUSED[model_type] in str(err.value)
+
+
+def test_a_causal_lm_whose_forward_sees_later_tokens_is_refused_by_what_it_does_not_by_its_name():
+    """CPM-Ant's forward attends both ways (the reason of its refusal, measured here: if transformers makes it
+    causal, this fails and the refusal is to be revisited); the check reads the model, not its model_type."""
+    model = tiny_causal_lm("cpmant").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    changed = ids.clone()
+    changed[0, -1] = 9
+    with torch.no_grad():
+        first = [model(input_ids=x).logits[0, 0] for x in (ids, changed)]
+    assert not torch.allclose(first[0], first[1], atol=1e-3)  # position 0 sees position 3
+    model.config.model_type = "renamed"
+    with pytest.raises(ValueError, match="not a causal language model"):
+        attach(model, PrefixConfig(prefix_length=2))
 
 
 def test_fused_qkv_gqa_and_cache_route_shapes_are_read_from_the_modules():
@@ -77,7 +94,6 @@ def test_fused_qkv_gqa_and_cache_route_shapes_are_read_from_the_modules():
 def test_falcon_variants_equal_real_tokens(variant):
     """Falcon reads its own attention implementation's name ('sdpa', else an eager path that adds the mask):
     the cache route leaves it as it was, for every variant of position scheme and layout."""
-    import torch
     from tiny_models import tiny_config
     from transformers import FalconForCausalLM
 
@@ -89,7 +105,6 @@ def test_falcon_variants_equal_real_tokens(variant):
 
 
 def _left_padded_generate_equals_row_alone(model_type: str, ids_a, ids_b) -> None:
-    import torch
     from reference import INIT_WORDS, IdTokenizer
 
     model = tiny_causal_lm(model_type)
@@ -128,7 +143,6 @@ def test_cache_route_left_padded_rows_equal_rows_alone(model_type):
 def test_cache_route_refuses_left_padding_where_positions_count_by_index(model_type):
     """MPT's ALiBi and RoFormer's rotary number keys by index: a left pad would sit between the prefix and the
     row's tokens. The base model alone is unchanged by left padding, so this is the prefix's doing: refused."""
-    import torch
 
     model = tiny_causal_lm(model_type)
     ids, mask = torch.tensor([[0, 9, 10, 11]]), torch.tensor([[0, 1, 1, 1]])
@@ -149,7 +163,6 @@ def test_cache_route_call_without_cache_returns_none_and_double_attach_is_refuse
     """MPT keeps no cache (use_cache=False): the cache that carried the prefix is not handed back, else generate
     would feed the whole sequence again on top of it. The cache route renames no attention implementation,
     so attaching twice is told by the model's own mark."""
-    import torch
 
     model = tiny_causal_lm("mpt")
     pm = attach(model, PrefixConfig(prefix_length=2))
@@ -165,7 +178,6 @@ def test_cache_route_call_without_cache_returns_none_and_double_attach_is_refuse
 def test_doge_refuses_a_prefix_past_its_dynamic_mask_window():
     """Doge keeps the top keep_window_size keys of each query, chosen over its own keys: past the window a
     prefix would not be selected like real past tokens, so the call is refused with the reason."""
-    import torch
 
     model = tiny_causal_lm("doge")
     model.config.keep_window_size = 6
@@ -183,7 +195,6 @@ def test_openai_gpt_through_its_shim_pads_trains_and_detaches():
     """OpenAI GPT computes attention in its own ``_attn``: a shim routes it through the interface while attached.
     A left-padded row equals the row alone, the prefix gets gradients, and detach gives the module its own
     method back (the real-token rule is in the parametrized test above)."""
-    import torch
     from tiny_models import VOCAB
 
     model = tiny_causal_lm("openai-gpt")
@@ -213,7 +224,6 @@ def test_indexed_sparse_attention_past_index_topk_forward_and_generate_agree(mod
     indexer keys and stays visible to every query. Inside index_topk (every key picked) that is P real past
     tokens (the test above); past it, with index_topk = 3 under 6 to 9 tokens, generate's cached steps give the
     scores of a full forward over the same tokens."""
-    import torch
     import transformers
     from tiny_models import tiny_config
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

@@ -44,14 +44,10 @@ CACHE_STATE = ("keeps a convolution / recurrent state beside the keys and values
                "previous token's projection): real past tokens set that state, a prefix of keys and values cannot, "
                "so it is refused")
 
-# Decoder-only families that the cache route accepts mechanically but that cannot act as P real past tokens,
-# refused by name with the reason (the real-token check fails for them: scripts/support_matrix.py).
-INEXACT_CAUSAL = {
-    "cpmant": ("its forward rebuilds every call from the full input_ids, with its own learned prompt tokens in "
-               "front, and drops as many leading positions as its cache holds: P prefix positions in the cache "
-               "would be taken for the first P of its own prompt and tokens, not as past tokens before them"),
-}
-INEXACT = "fails the real-token check (a prefix from t0's own K/V does not equal t0 in front; docs/support.md)"
+NOT_CAUSAL = ("lets each position attend to later ones in its own forward (the first position's output changes "
+              "when the last token does): as transformers builds it, it is not a causal language model, so a causal "
+              "loss would see its labels and no prefix can act as P past tokens of a sequence that sees itself both "
+              "ways; it is refused")
 
 
 @dataclass(frozen=True)
@@ -206,6 +202,9 @@ def _takes_position_ids(model: nn.Module, seq2seq: bool) -> bool:
 def _cache_route_spec(model: nn.Module, name: str, model_type: str, seq2seq: bool, inputs: dict[str, Any]
                       ) -> ModelSpec:
     """The second route, for decoder-only models: the prefix as P past positions of the model's own cache."""
+    generates = callable(getattr(model, "can_generate", None)) and model.can_generate()  # a LM, not an encoder
+    if not seq2seq and generates and _sees_later_tokens(model, inputs["input_ids"]):
+        raise ValueError(f"{name} (model_type={model_type!r}) {NOT_CAUSAL}")
     dims = [] if seq2seq else record_cache_shapes(model, **inputs)
     if not dims:
         raise ValueError(f"{name} (model_type={model_type!r}) {NOT_INTERFACE}, and it keeps no standard "
@@ -221,6 +220,21 @@ def _cache_route_spec(model: nn.Module, name: str, model_type: str, seq2seq: boo
         left_padding_exact=not padding_moves_cached_positions(model, _probe_ids(model, 3), position_ids),
         cache_position_ids=position_ids,
     )
+
+
+@torch.no_grad()
+def _sees_later_tokens(model: nn.Module, ids: torch.Tensor) -> bool:
+    """Whether the output at the first of ``ids`` (1, n >= 2) changes when the last token does: a causal LM's
+    cannot (CPM-Ant's forward attends both ways over its whole input)."""
+    other = ids.clone()
+    other[0, -1] = ids[0, 0]  # another ordinary token: the probe ids are distinct
+    was_training = model.training
+    model.eval()
+    try:
+        first = [model(input_ids=x, use_cache=False)[0][0, 0] for x in (ids, other)]
+    finally:
+        model.train(was_training)
+    return not torch.allclose(first[0], first[1], rtol=1e-4, atol=1e-5)
 
 
 def _position_padding_idx(model: nn.Module) -> int | None:
@@ -265,9 +279,6 @@ def read_spec(model: nn.Module) -> ModelSpec:
     if cached is not None:
         return cached
     spec = _read_spec(model)
-    if spec.kind == "causal" and spec.model_type in INEXACT_CAUSAL:
-        raise ValueError(f"{spec.architecture} (model_type={spec.model_type!r}) {INEXACT}: "
-                         f"{INEXACT_CAUSAL[spec.model_type]}")
     _CACHE[model] = spec
     return spec
 
