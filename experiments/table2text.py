@@ -93,8 +93,13 @@ def read_record(path: Path) -> dict[str, dict[str, Any]]:
                 pass
         return cell
 
+    out = {}
     with path.open(newline="") as f:
-        return {row["key"]: {k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)}
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            if not row.get("key"):
+                raise SystemExit(f"{path}:{line}: a record row without a run key (column 'key')")
+            out[row["key"]] = {k: value(v) for k, v in row.items() if v != ""}
+    return out
 
 
 def rescored(spec: RunSpec, result: dict[str, Any], split: str, scorer: Any) -> dict[str, dict]:
