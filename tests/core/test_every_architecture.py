@@ -14,7 +14,7 @@ from reference import real_token_equivalence
 from tiny_models import tiny_causal_lm
 
 from prefixtune import PrefixConfig, attach
-from prefixtune.core.spec import CACHE_STATE, NOT_CAUSAL, NOT_INTERFACE, RECURRENT, read_spec
+from prefixtune.core.spec import CACHE_STATE, NOT_CAUSAL, RECURRENT, read_spec
 
 SUPPORTED = [  # docs/support.md, "supported"
     "afmoe", "apertus", "arcee", "aria_text", "axk1", "axk2", "bart", "beam", "bert", "bert-generation", "big_bird",
@@ -37,7 +37,7 @@ SUPPORTED = [  # docs/support.md, "supported"
 
 # Refused, each with the reason its error gives (a representative of each reason).
 REFUSED = {
-    "prophetnet": NOT_INTERFACE,
+    "prophetnet": NOT_CAUSAL,
     "mamba": RECURRENT,
     "qwen3_next": RECURRENT,
     "cpmant": NOT_CAUSAL,
@@ -74,6 +74,34 @@ def test_a_causal_lm_whose_forward_sees_later_tokens_is_refused_by_what_it_does_
     model.config.model_type = "renamed"
     with pytest.raises(ValueError, match="not a causal language model"):
         attach(model, PrefixConfig(prefix_length=2))
+
+
+def test_prophetnet_logits_read_later_tokens_so_it_is_refused_and_a_causal_lm_keeps_its_first_bits():
+    """ProphetNet's logits come from its predict streams, whose relative position bias transformers gathers
+    through a reshape that mixes positions: position 0's logits move when tokens 1-4 of 9 change (its bias weights
+    scaled up here to show it plainly; at a tiny model's initialization it is about 1e-6, which is why the probe
+    compares bits). The probe's premise holds on a causal LM: its first logits keep every bit."""
+    prophetnet = tiny_causal_lm("prophetnet")
+    with torch.no_grad():
+        for layer in prophetnet.prophetnet.decoder.layers:
+            layer.self_attn.relative_pos_embeddings.weight.mul_(50)
+    ids = torch.arange(5, 14)[None]
+    near, far = ids.clone(), ids.clone()
+    near[0, 1:5] = 40
+    far[0, 5:] = 40
+
+    def first(model, x):
+        with torch.no_grad():
+            return model(input_ids=x).logits[0, 0]
+
+    assert float((first(prophetnet, ids) - first(prophetnet, near)).abs().max()) > 1e-6
+    assert torch.equal(first(prophetnet, ids), first(prophetnet, far))  # what it mixes is within its row block
+    with pytest.raises(ValueError, match="not a causal language model") as err:
+        attach(prophetnet, PrefixConfig(prefix_length=2))
+    assert "ProphetNetForCausalLM" in str(err.value)
+    for model_type in ("llama", "bloom"):  # the interface route, and the cache route (which the probe guards)
+        causal = tiny_causal_lm(model_type)
+        assert torch.equal(first(causal, ids), first(causal, near))
 
 
 def test_fused_qkv_gqa_and_cache_route_shapes_are_read_from_the_modules():
