@@ -68,12 +68,13 @@ def test_spec_reads_gqa_and_explicit_head_dim():
 
 
 def test_model_without_attention_interface_is_refused_naming_class_and_reason():
-    from tiny_models import tiny_causal_lm
+    from tiny_models import tiny_seq2seq_lm
 
-    # ProphetNet computes attention in its own module (no ALL_ATTENTION_FUNCTIONS call), keeps no standard KV
-    # cache, has no shim
-    with pytest.raises(ValueError, match=r"ProphetNetForCausalLM.*model_type='prophetnet'.*attention interface"):
-        attach(tiny_causal_lm("prophetnet"))
+    # ProphetNet's encoder-decoder computes attention in its own modules (no ALL_ATTENTION_FUNCTIONS call) and has
+    # no shim; its causal LM is refused earlier, as not causal (test_every_architecture)
+    with pytest.raises(ValueError, match=r"ProphetNetForConditionalGeneration.*model_type='prophetnet'.*attention "
+                                         r"interface"):
+        attach(tiny_seq2seq_lm("prophetnet"))
 
 
 @pytest.mark.parametrize("attn", ATTN)
