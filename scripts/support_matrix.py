@@ -74,7 +74,7 @@ DECISIONS = [
     "  first position's output, compared bit for bit, changes when the tokens after it do): CPM-Ant's, and",
     "  XLNet's as built with attn_type='bi', attend both ways over the whole input; ProphetNet's logits come",
     "  from its predict streams, whose relative position bias transformers gathers through a reshape that mixes",
-    "  positions, so position 0 reads later tokens' hidden states (about 1e-6 at a tiny model's initialization).",
+    "  positions, so position 0 reads later tokens' hidden states (1e-7 to 6e-7 at a tiny model's initialization).",
     "  A causal loss would see its labels, and no prefix acts as past tokens of such a sequence;",
     "- indexed sparse attention (DeepSeek V3.2, GLM DSA, ...): the indexer picks index_topk of the real keys for",
     "  each query; the prefix has no indexer keys and stays visible to every query. While the context is within",

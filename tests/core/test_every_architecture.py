@@ -79,7 +79,7 @@ def test_a_causal_lm_whose_forward_sees_later_tokens_is_refused_by_what_it_does_
 def test_prophetnet_logits_read_later_tokens_so_it_is_refused_and_a_causal_lm_keeps_its_first_bits():
     """ProphetNet's logits come from its predict streams, whose relative position bias transformers gathers
     through a reshape that mixes positions: position 0's logits move when tokens 1-4 of 9 change (its bias weights
-    scaled up here to show it plainly; at a tiny model's initialization it is about 1e-6, which is why the probe
+    scaled up here to show it plainly; at a tiny model's initialization it is 1e-7 to 6e-7, which is why the probe
     compares bits). The probe's premise holds on a causal LM: its first logits keep every bit."""
     prophetnet = tiny_causal_lm("prophetnet")
     with torch.no_grad():
